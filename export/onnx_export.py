@@ -1,0 +1,154 @@
+"""Trace the decoder on the meta device, then stream real weights into one external data file.
+
+Tracing never touches weight values, so its memory does not depend on model size; saving pulls one
+tensor at a time from the weight source (a lazily opened safetensors file or seeded random weights).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from llama3_deploy import contract
+from llama3_deploy.config import LlamaConfig
+
+from .model import LlamaDecoder
+from .weights import TORCH_DTYPES, WeightSource, derived_tensors, name_table, target_tensor
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 18
+# Write budget for the external data writer: with one worker this bounds the bytes held at once
+# beyond the single tensor being converted.
+WRITE_BUDGET_BYTES = 256 << 20
+ALIGNMENT = 65536  # aligned external data lets ONNX Runtime map it directly
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def trace(config: LlamaConfig, dtype: str) -> ir.Model:
+    """Export the decoder graph with meta weights; inputs, outputs and axes named by the contract."""
+    io = contract.decoder_io(config, dtype)
+    tdtype = TORCH_DTYPES[dtype]
+    with torch.device("meta"):
+        model = LlamaDecoder(config).to(tdtype)
+        model.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32))
+        b, s, p = 2, 3, 4  # example sizes; every axis is dynamic (sizes 0 and 1 included, see tests)
+        ids = torch.zeros(b, s, dtype=torch.int64)
+        mask = torch.ones(b, p + s, dtype=torch.int64)
+        pos = torch.zeros(b, s, dtype=torch.int64)
+        past = [torch.zeros(b, config.num_key_value_heads, p, config.head_dim, dtype=tdtype)
+                for _ in range(2 * config.num_hidden_layers)]
+    auto = torch.export.Dim.AUTO
+    # forward(*past) makes torch.export see the past tensors as one nested tuple argument.
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (ids, mask, pos, *past), dynamo=True, optimize=False, verbose=False, opset_version=OPSET,
+            input_names=[s.name for s in io.inputs], output_names=[s.name for s in io.outputs],
+            dynamic_shapes=dynamic)
+    m = program.model
+    apply_contract(m, io)
+    _optimize_without_weights(m, config)
+    return m
+
+
+def _optimize_without_weights(model: ir.Model, config: LlamaConfig) -> None:
+    """Run onnxscript's optimizer (constant folding, shape simplification, dead code) on the graph alone.
+
+    Checkpoint weights are detached first so the optimizer cannot touch their (meta) values; derived
+    buffers get their real values so the rotary tables can fold.
+    """
+    import onnxscript
+
+    table = {e.target for e in name_table(config)}
+    for name, value in model.graph.initializers.items():
+        value.const_value = None if name in table else value.const_value
+    for name, tensor in derived_tensors(config).items():
+        model.graph.initializers[name].const_value = ir.Tensor(tensor.numpy(), name=name)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    onnxscript.optimizer.optimize(model)
+
+
+class _quiet_exporter:
+    """Silence the exporter's progress prints (they go through logging and stdout)."""
+
+    def __enter__(self):
+        self._level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        import contextlib, io as _io
+        self._redirect = contextlib.redirect_stdout(_io.StringIO())
+        self._redirect.__enter__()
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        logging.getLogger("torch.onnx").setLevel(self._level)
+
+
+_IR_DTYPES = {"int64": ir.DataType.INT64, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
+              "bfloat16": ir.DataType.BFLOAT16}
+
+
+def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
+    """Give graph inputs/outputs the contract's symbolic axis names; fail if names or dtypes differ."""
+    for values, specs in ((model.graph.inputs, io.inputs), (model.graph.outputs, io.outputs)):
+        got = [v.name for v in values]
+        want = [s.name for s in specs]
+        if got != want:
+            raise RuntimeError(f"traced graph I/O {got} differs from the contract {want}")
+        for v, spec in zip(values, specs):
+            if v.dtype != _IR_DTYPES[spec.dtype]:
+                raise RuntimeError(f"{spec.name}: traced dtype {v.dtype}, contract {spec.dtype}")
+            v.shape = ir.Shape(list(spec.shape))
+
+
+def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, dtype: str) -> int:
+    """Replace the traced meta initializers with lazy tensors that read the source on demand."""
+    tdtype = TORCH_DTYPES[dtype]
+    by_target = {e.target: e for e in name_table(config)}
+    derived = derived_tensors(config)
+    total = 0
+    for name, value in model.graph.initializers.items():
+        shape = ir.Shape(list(value.shape))
+        if name in by_target:
+            entry = by_target[name]
+            if tuple(shape) != entry.target_shape:
+                raise RuntimeError(f"initializer {name}: graph {tuple(shape)}, table {entry.target_shape}")
+            fn: Callable = (lambda e=entry: ir.Tensor(_to_numpy(target_tensor(source, e, tdtype)), name=e.target))
+            value.const_value = ir.LazyTensor(fn, dtype=value.dtype, shape=shape, name=name)
+        elif name in derived:
+            value.const_value = ir.Tensor(derived[name].numpy(), name=name)
+        elif value.const_value is None:
+            raise RuntimeError(f"traced initializer {name} is neither a checkpoint weight nor a derived buffer")
+        # else: a small constant the optimizer folded; it already holds its value
+        total += value.const_value.nbytes
+    missing = set(by_target) - set(model.graph.initializers)
+    if missing:
+        raise RuntimeError(f"weights not used by the traced graph: {sorted(missing)[:5]}")
+    return total
+
+
+def save(model: ir.Model, out_dir: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> Path:
+    """Write model.onnx and its single external data file, one tensor at a time."""
+    out = Path(out_dir) / MODEL_FILE
+
+    def callback(tensor, info) -> None:
+        if progress is not None:
+            progress(tensor.nbytes)
+
+    ir.save(model, out, external_data=DATA_FILE, size_threshold_bytes=1024, callback=callback, max_workers=1,
+            max_in_flight_bytes=WRITE_BUDGET_BYTES, alignment=ALIGNMENT)
+    return out
