@@ -30,6 +30,7 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     out = check_output_dir(out_dir, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,185 @@
+"""Validate an exported graph: onnx.checker, the I/O contract, then ONNX Runtime vs PyTorch numerically.
+
+The PyTorch reference runs in fp32 and is streamed: one decoder block (and one slice of the output
+head) is resident at a time, so validating never needs the whole model in RAM twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama3_deploy import contract
+from llama3_deploy.config import LlamaConfig
+from llama3_deploy.errors import ValidationError
+
+from .model import Block, RMSNorm, additive_mask, rope_cos_sin
+from .weights import WeightSource, derived_tensors, name_table, target_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Pass when max|onnx - ref| <= atol + rtol * max|ref|, per output tensor, against an fp32 reference."""
+
+    atol: float
+    rtol: float
+
+
+# fp32 is expected to agree to rounding; fp16/bf16 carry their storage and matmul rounding, compounding over depth.
+TOLERANCES = {
+    "float32": Tolerance(atol=1e-4, rtol=1e-4),
+    "float16": Tolerance(atol=2e-2, rtol=2e-2),
+    "bfloat16": Tolerance(atol=1e-1, rtol=5e-2),
+}
+HEAD_CHUNK_ROWS = 8192  # output-head rows resident at once in the streamed reference
+
+
+def check_structure(model_path: Path, config: LlamaConfig, dtype: str) -> dict:
+    """onnx.checker with external data, then graph inputs/outputs against the contract; no weights loaded."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(model_path), full_check=False)
+    except Exception as e:
+        raise ValidationError(f"onnx.checker rejected {model_path}: {e}") from None
+    proto = onnx.load(str(model_path), load_external_data=False)
+    io = contract.decoder_io(config, dtype)
+    problems = []
+    for values, specs in ((proto.graph.input, io.inputs), (proto.graph.output, io.outputs)):
+        got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+                if v.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16",
+                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
+        want = [(s.name, s.dtype, s.shape) for s in specs]
+        if got != want:
+            diff = [f"{g} != {w}" for g, w in zip(got, want) if g != w] or [f"{len(got)} vs {len(want)} tensors"]
+            problems.append("; ".join(diff[:3]))
+    if problems:
+        raise ValidationError(f"graph I/O differs from the contract: {' | '.join(problems)}")
+    inits = {i.name: i for i in proto.graph.initializer}
+    want_type = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+                 "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    for e in name_table(config):
+        init = inits.get(e.target)
+        if init is None or tuple(init.dims) != e.target_shape or init.data_type != want_type:
+            got = None if init is None else (tuple(init.dims), init.data_type)
+            raise ValidationError(f"weight {e.target}: graph has {got}, expected {e.target_shape} {dtype}")
+    locations = {kv.value for i in inits.values() for kv in i.external_data if kv.key == "location"}
+    if any(Path(loc).name != loc for loc in locations):  # external data must stay inside the model directory
+        raise ValidationError(f"external data outside the model directory: {sorted(locations)}")
+    return {"onnx_checker": "passed", "io_contract": "matched", "weights": "all present with expected shapes",
+            "initializers": len(inits), "external_data_files": sorted(locations)}
+
+
+@torch.no_grad()
+def streamed_reference(source: WeightSource, config: LlamaConfig, input_ids, attention_mask, position_ids, past):
+    """The decoder's forward in fp32 with one block resident at a time; returns (logits, presents)."""
+    table = {e.target: e for e in name_table(config)}
+    f32 = torch.float32
+
+    def load(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        state = {k: target_tensor(source, table[prefix + k], f32) for k, _ in module.named_parameters()}
+        module.load_state_dict(state, assign=True)
+        return module
+
+    embed_name = table["embed"].source
+    x = torch.stack([source.get_rows(embed_name, int(t), int(t) + 1)[0].to(f32) for t in input_ids.flatten()])
+    x = x.view(*input_ids.shape, config.hidden_size)
+    cos, sin = rope_cos_sin(derived_tensors(config)["rope_inv_freq"], position_ids)
+    mask = additive_mask(attention_mask, past[0].shape[2], input_ids.shape[1])
+    presents = []
+    for i in range(config.num_hidden_layers):
+        with torch.device("meta"):
+            block = Block(config)
+        x, k, v = load(block, f"layers.{i}.")(x, cos, sin, mask, past[2 * i].float(), past[2 * i + 1].float())
+        presents += [k, v]
+        del block
+    with torch.device("meta"):
+        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    h = load(norm, "norm.")(x)
+    head = table["embed"] if config.tie_word_embeddings else table["lm_head"]
+    chunks = [h @ source.get_rows(head.source, lo, lo + HEAD_CHUNK_ROWS).to(f32).t()
+              for lo in range(0, config.vocab_size, HEAD_CHUNK_ROWS)]
+    return torch.cat(chunks, dim=-1), presents
+
+
+def _compare(name: str, got: np.ndarray, ref: torch.Tensor, tol: Tolerance) -> dict:
+    ref_np = ref.float().numpy()
+    if got.shape != ref_np.shape:
+        return {"tensor": name, "ok": False, "error": f"shape {got.shape} != {ref_np.shape}"}
+    diff = float(np.abs(got.astype(np.float32) - ref_np).max()) if got.size else 0.0
+    scale = float(np.abs(ref_np).max()) if ref_np.size else 0.0
+    limit = tol.atol + tol.rtol * scale
+    return {"tensor": name, "ok": bool(diff <= limit and np.isfinite(got).all()), "max_abs_diff": diff,
+            "ref_max_abs": scale, "limit": limit}
+
+
+def validation_inputs(config: LlamaConfig, *, batch: int = 2, prompt: int = 6, seed: int = 0):
+    """A left-padded batch: row 1 has two pad positions. Returns (ids, mask, positions)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=g)
+    mask = torch.ones(batch, prompt, dtype=torch.int64)
+    if batch > 1:
+        mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, dtype: str, *,
+                   providers: list[str] | None = None) -> dict:
+    """Run a prefill and one decode step fed its own past through ONNX Runtime and the fp32 reference.
+
+    Raises ValidationError with the figures if any logits or present key/value is off tolerance.
+    """
+    import onnxruntime as ort
+
+    tol = TOLERANCES[dtype]
+    io = contract.decoder_io(config, dtype)
+    np_dtype = np.float32 if dtype == "float32" else np.float16
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+
+    ids, mask, pos = validation_inputs(config)
+    b = ids.shape[0]
+    empty = [torch.zeros(b, config.num_key_value_heads, 0, config.head_dim) for _ in io.past_names]
+    steps = []
+    onnx_past = [p.numpy().astype(np_dtype) for p in empty]
+    ref_past = empty
+    step_inputs = [(ids, mask, pos)]
+    next_ids = torch.tensor([[7 % config.vocab_size]] * b)
+    step_inputs.append((next_ids, torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1), pos[:, -1:] + 1))
+    for step, (s_ids, s_mask, s_pos) in enumerate(step_inputs):
+        feed = {contract.INPUT_IDS: s_ids.numpy(), contract.ATTENTION_MASK: s_mask.numpy(),
+                contract.POSITION_IDS: s_pos.numpy(), **dict(zip(io.past_names, onnx_past))}
+        outputs = session.run(None, feed)
+        ref_logits, ref_present = streamed_reference(source, config, s_ids, s_mask, s_pos, ref_past)
+        results = [_compare(contract.LOGITS, outputs[0], ref_logits, tol)]
+        results += [_compare(n, o, r, tol) for n, o, r in zip(io.present_names, outputs[1:], ref_present)]
+        worst = max(results, key=lambda r: r.get("max_abs_diff", float("inf")) / max(r.get("limit", 1.0), 1e-30))
+        steps.append({"step": "prefill" if step == 0 else "decode", "tokens": int(s_ids.shape[1]),
+                      "logits_max_abs_diff": results[0].get("max_abs_diff"),
+                      "worst_tensor": worst["tensor"], "worst_max_abs_diff": worst.get("max_abs_diff"),
+                      "worst_limit": worst.get("limit"), "ok": all(r["ok"] for r in results),
+                      "failures": [r for r in results if not r["ok"]][:5]})
+        onnx_past, ref_past = outputs[1:], ref_present
+    del session
+    figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
+               "providers": providers or ["CPUExecutionProvider"], "steps": steps}
+    if not all(s["ok"] for s in steps):
+        bad = [f"{s['step']}: {f['tensor']} max|diff|={f.get('max_abs_diff', f.get('error'))} "
+               f"limit={f.get('limit')}" for s in steps for f in s["failures"]]
+        raise ValidationError("exported graph drifts from PyTorch beyond the "
+                              f"{dtype} tolerance (atol {tol.atol}, rtol {tol.rtol}): " + "; ".join(bad[:6]))
+    return figures
+
+
+def numeric_providers(dtype: str) -> list[str] | None:
+    """Providers that can run a dtype here, or None when none can (bf16 needs CUDA in ONNX Runtime)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if dtype != "bfloat16":
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else None

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random Llama configs, checkpoints written in the test, cached exports."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from llama3_deploy.config import LlamaConfig, RopeScaling
+
+SHARED_ENV = "LLAMA3_SHARED_DIR"
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A small Llama 3-shaped config: GQA 2:1, head_dim 16, rope theta 500000, three EOS ids."""
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=500000.0,
+                bos_token_id=0, eos_token_ids=(1, 2, 3), source_dtype="float32")
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+# Named configs the parity tests run over (GQA 1:1 and 8:1, head_dim 64, Llama 3.1 rope scaling).
+PARITY_CONFIGS = {
+    "gqa2_hd16": tiny_config(),
+    "gqa1_mha": tiny_config(num_attention_heads=4, num_key_value_heads=4),
+    "gqa8_hd64": tiny_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=1, head_dim=64),
+    "rope_llama3": tiny_config(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32), max_position_embeddings=1024),
+    "tied": tiny_config(tie_word_embeddings=True),
+}
+
+
+def write_random_checkpoint(path: Path, config: LlamaConfig, *, seed: int = 0, dtype: str = "float32") -> Path:
+    from export.weights import RandomWeights, write_checkpoint
+    config = dataclasses.replace(config, source_dtype=dtype)
+    return write_checkpoint(RandomWeights(config, seed=seed, dtype=dtype), path)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    value = os.environ.get(SHARED_ENV)
+    if not value:
+        pytest.skip(f"{SHARED_ENV} is not set (it points at the real Llama 3 tokenizer and configs; .ci/run sets it)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.skip(f"{SHARED_ENV}={value} does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The default tiny config as a safetensors checkpoint (fp32, so comparisons are exact)."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to fp32 ONNX, validated."""
+    from export.pipeline import export_model
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export_model(str(tiny_checkpoint), out, progress=False)
+    return out
