@@ -1,0 +1,201 @@
+"""`llama3-deploy generate | chat | tokens | inspect`: the runtime's commands (no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llama3_deploy.cli import command
+from llama3_deploy.config import dtype_bytes, human_bytes, load_config
+from llama3_deploy.errors import DeployError
+
+from .generate import DEFAULT_PREFILL_CHUNK
+from .sampling import SamplingParams
+
+_S = SamplingParams()
+
+
+def _session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="export directory (from llama3-deploy export)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill run")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=_S.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=_S.temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=_S.top_k, help="0 disables")
+    p.add_argument("--top-p", type=float, default=_S.top_p)
+    p.add_argument("--repetition-penalty", type=float, default=_S.repetition_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def _generator(args):
+    from .generate import Generator
+    return Generator(args.model, device=args.device, threads=args.threads, prefill_chunk=args.prefill_chunk)
+
+
+@command("generate", "generate text from an export (streams to the terminal; --json for scripts)")
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _session_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    _sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    params = _params(args)
+    gen = _generator(args)
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise DeployError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    elif args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                 [{"role": "user", "content": args.prompt}]
+    else:
+        prompt = args.prompt
+    if args.json:
+        r = gen.generate(prompt, params)
+        print(json.dumps(r.to_json(), ensure_ascii=False))
+        return 0
+    for delta in gen.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+@command("chat", "interactive multi-turn chat with streaming")
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _session_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p)
+    p.set_defaults(run=run_chat, max_new_tokens=512)
+
+
+def run_chat(args) -> int:
+    params = _params(args)
+    gen = _generator(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: empty line or Ctrl-D to quit, /reset to clear the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = ""
+        for delta in gen.stream(messages, params):
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+@command("tokens", "search the vocabulary for tokens containing a string, or show what ids decode to")
+def _tokens_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", nargs="?", help="text to look for in token strings")
+    p.add_argument("--model", required=True, help="checkpoint, export or tokenizer directory")
+    p.add_argument("--ids", help="comma-separated ids to decode instead")
+    p.add_argument("--case-sensitive", action="store_true")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(run=run_tokens)
+
+
+def run_tokens(args) -> int:
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(args.model)
+    if args.ids:
+        try:
+            ids = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError:
+            raise DeployError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        for i in ids:
+            if not 0 <= i < tok.vocab_size:
+                raise DeployError(f"id {i} is outside the vocabulary [0, {tok.vocab_size})")
+            print(f"{i}\t{tok.id_to_token(i)}\t{tok.decode([i])!r}")
+        return 0
+    if not args.query:
+        raise DeployError("give a QUERY to search for, or --ids")
+    hits = tok.search(args.query, case_sensitive=args.case_sensitive, limit=args.limit)
+    for i, token in hits:
+        print(f"{i}\t{token}")
+    print(f"{len(hits)} tokens", file=sys.stderr)
+    return 0
+
+
+@command("inspect", "a model's config and structure at a glance (checkpoint or export)")
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint or export directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_inspect)
+
+
+def inspect_model(model_dir: str | Path) -> dict:
+    """Config, sizes and EOS ids of a checkpoint or export directory."""
+    c = load_config(Path(model_dir))
+    n = c.num_parameters()
+    info = {
+        "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "attention_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "gqa_ratio": c.gqa_ratio, "vocab_size": c.vocab_size, "context": c.max_position_embeddings,
+        "rope_theta": c.rope_theta, "rope_scaling": None if c.rope_scaling is None else vars(c.rope_scaling),
+        "tie_word_embeddings": c.tie_word_embeddings, "parameters": n,
+        "bytes": {d: n * dtype_bytes(d) for d in ("float32", "float16", "bfloat16", "int8")},
+        "kv_cache_bytes_per_token": {d: c.kv_bytes_per_token(dtype_bytes(d)) for d in ("float32", "float16")},
+        "bos_id": c.bos_token_id, "eos_ids": list(c.eos_token_ids),
+    }
+    manifest = Path(model_dir) / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        info["export"] = {"dtype": m.get("dtype"), "flavor": m.get("flavor"), "opset": m.get("opset"),
+                          "source": m.get("source", {}).get("description")}
+    return info
+
+
+def run_inspect(args) -> int:
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rs = info["rope_scaling"]
+    print(f"{args.model}")
+    print(f"  layers {info['layers']}, hidden {info['hidden_size']}, intermediate {info['intermediate_size']}")
+    print(f"  heads {info['attention_heads']}, kv heads {info['kv_heads']} (GQA {info['gqa_ratio']}:1), "
+          f"head_dim {info['head_dim']}")
+    print(f"  vocabulary {info['vocab_size']}, context {info['context']}, rope theta {info['rope_theta']:g}"
+          + (f", rope scaling llama3 x{rs['factor']:g} from {rs['original_max_position_embeddings']}" if rs else ""))
+    print(f"  parameters {info['parameters'] / 1e9:.3f} B: " + ", ".join(
+        f"{d} {human_bytes(b)}" for d, b in info["bytes"].items()))
+    print(f"  KV cache per token: " + ", ".join(
+        f"{d} {human_bytes(b)}" for d, b in info["kv_cache_bytes_per_token"].items()))
+    print(f"  bos {info['bos_id']}, eos {info['eos_ids']}")
+    if "export" in info:
+        e = info["export"]
+        print(f"  export: {e['flavor']} graph, {e['dtype']}, opset {e['opset']}, from {e['source']}")
+    return 0

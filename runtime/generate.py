@@ -1,0 +1,271 @@
+"""The token loop: chunked prefill, then one decode step at a time on bound device buffers.
+
+Per decode step the host writes B token ids, B positions and the mask row prefix, binds pointers,
+runs the graph, and samples from B x V last-position logits; no key/value data crosses to the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from llama3_deploy.errors import DeployError
+
+from .chat import ChatFormat
+from .sampling import Sampler, SamplingParams
+from .session import DecoderSession, Device, DeviceBuffer
+from .tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill run; bounds the logits buffer to B x chunk x V
+Messages = Sequence[dict]
+Prompt = Union[str, Sequence[int], Messages]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS id or stop string) or "length"
+    ttft_ms: float      # prompt in -> first token out
+    tpot_ms: float      # mean time per output token after the first
+    step_ms: list[float] = dataclasses.field(default_factory=list)  # each decode step's time
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_single_prompt(prompts) -> bool:
+    """One prompt is text, a list of token ids, or a list of message dicts; a batch is a list of those."""
+    if isinstance(prompts, str):
+        return True
+    items = list(prompts)
+    return not items or all(isinstance(x, (int, np.integer, dict)) for x in items)
+
+
+class _StopText:
+    """Streams a row's text, holding back any tail that could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.pending, self.hold = tuple(stops), "", max((len(s) for s in stops), default=1) - 1
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        self.pending += delta
+        for s in self.stops:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        cut = max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Buffers:
+    """Everything one (batch, capacity) shape needs, allocated once and reused across generations."""
+
+    def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
+        c = session.config
+        self.batch, self.capacity, self.chunk = batch, capacity, chunk
+        self.kv = session.kv_cache(batch, capacity)
+        host = Device("cpu")
+        self.logits = DeviceBuffer(host, "float32", batch * chunk * c.vocab_size)  # ORT copies into it on CUDA
+        self.ids = DeviceBuffer(host, "int64", batch * chunk)
+        self.pos = DeviceBuffer(host, "int64", batch * chunk)
+        self.mask = DeviceBuffer(host, "int64", batch * capacity)       # full-length mask, per generation
+        self.mask_step = DeviceBuffer(host, "int64", batch * capacity)  # the contiguous [B, total] bound
+        self.mask_step.host.fill(1)
+        self.binding = session.new_binding()
+
+
+class Generator:
+    """Generate text from an export directory: `generate(...)` for results, `stream(...)` for text deltas."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0,
+                 graph_optimization: str = "all", prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if prefill_chunk <= 0:
+            raise DeployError("prefill_chunk must be positive")
+        self.session = DecoderSession(model_dir, device=device, threads=threads,
+                                      graph_optimization=graph_optimization)
+        self.config = self.session.config
+        self.prefill_chunk = prefill_chunk
+        has_tokenizer = any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+        self.tokenizer = Tokenizer.from_dir(model_dir) if has_tokenizer else None
+        self.chat = ChatFormat.from_dir(model_dir) if has_tokenizer else None
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
+            raise DeployError(f"{model_dir}: tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
+                              f"vocabulary is {self.config.vocab_size}; they do not belong together")
+        self.eos_ids = frozenset(self.config.eos_token_ids)
+        self._buffers: _Buffers | None = None
+
+    from_dir = classmethod(lambda cls, model_dir, **kw: cls(model_dir, **kw))
+
+    # --- prompts -------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Text (plain, or as one user message with chat=True), a list of messages, or token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise DeployError("empty prompt")
+            self._need_tokenizer()
+            if chat:
+                return self.chat.encode_dialog([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None)  # never parses specials
+        items = list(prompt)
+        if not items:
+            raise DeployError("empty prompt")
+        if all(isinstance(x, dict) for x in items):
+            self._need_tokenizer()
+            return self.chat.encode_dialog(items)
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in items):
+            raise DeployError("a prompt is text, a list of chat messages, or a list of token ids")
+        ids = [int(x) for x in items]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise DeployError(f"prompt token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise DeployError(f"{self.session.model_dir} has no tokenizer files; pass token ids instead")
+
+    # --- public API ----------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, *,
+                 chat: bool = False, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (returns a result) or a list of prompts (returns a list, one per row)."""
+        params = params or SamplingParams(**kwargs)
+        single = _is_single_prompt(prompts)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise DeployError("empty prompt")
+        ids = [self.encode_prompt(p, chat=chat) for p in batch]
+        results = None
+        for event in self._run(ids, params):
+            if isinstance(event, list):
+                results = event
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
+               **kwargs) -> Iterator[str]:
+        """Yield text deltas for one prompt; their concatenation equals the final result's text."""
+        params = params or SamplingParams(**kwargs)
+        for event in self._run([self.encode_prompt(prompt, chat=chat)], params):
+            if isinstance(event, tuple) and event[1]:
+                yield event[1]
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _prepare(self, batch: int, capacity: int) -> _Buffers:
+        b = self._buffers
+        if b is None or b.batch != batch or b.capacity < capacity:
+            b = self._buffers = None  # free the old buffers before allocating new ones
+            b = self._buffers = _Buffers(self.session, batch, capacity, self.prefill_chunk)
+        b.kv.reset()
+        return b
+
+    def _run(self, rows: list[list[int]], params: SamplingParams):
+        """Yields (row, text_delta) while generating, then the list of GenerationResults."""
+        c = self.config
+        lens = [len(r) for r in rows]
+        longest = max(lens)
+        if longest + params.max_new_tokens > c.max_position_embeddings:
+            raise DeployError(f"prompt of {longest} tokens plus max_new_tokens {params.max_new_tokens} exceeds the "
+                              f"model's context of {c.max_position_embeddings} tokens")
+        t0 = time.perf_counter()
+        B, cap = len(rows), longest + params.max_new_tokens
+        buf = self._prepare(B, cap)
+        pads = [longest - n for n in lens]
+        mask = buf.mask.view((B, buf.capacity))
+        mask.fill(1)
+        for r, p in enumerate(pads):
+            mask[r, :p] = 0
+        prompt = np.zeros((B, longest), np.int64)
+        for r, ids in enumerate(rows):
+            prompt[r, pads[r]:] = ids
+        positions = np.maximum(np.arange(longest)[None, :] - np.asarray(pads)[:, None], 0)
+
+        # prefill, in chunks
+        logits = None
+        for lo in range(0, longest, buf.chunk):
+            hi = min(longest, lo + buf.chunk)
+            logits = self._step(buf, prompt[:, lo:hi], positions[:, lo:hi], hi)
+        sampler = Sampler(params, B, c.vocab_size, prompts=rows)
+        decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) if self.tokenizer else None
+                    for _ in rows]
+        stops = [_StopText(params.stop) for _ in rows]
+        generated: list[list[int]] = [[] for _ in rows]
+        texts = [""] * B
+        finish: list[str | None] = [None] * B
+        t_first = None
+        step_ms: list[float] = []
+        next_pos = np.asarray(lens, np.int64)[:, None]
+        for step in range(params.max_new_tokens):
+            tokens = np.zeros((B, 1), np.int64)
+            for r in range(B):
+                tok = sampler(logits[r], r) if finish[r] is None else 0
+                tokens[r, 0] = tok
+                if finish[r] is not None:
+                    continue
+                if tok in self.eos_ids and not params.ignore_eos:
+                    finish[r] = "stop"
+                else:
+                    generated[r].append(tok)
+                    delta = decoders[r].push(tok) if decoders[r] else ""
+                    out, stopped = stops[r].push(delta)
+                    if out:
+                        texts[r] += out
+                        yield (r, out)
+                    if stopped:
+                        finish[r] = "stop"
+                if finish[r] is None and len(generated[r]) == params.max_new_tokens:
+                    finish[r] = "length"
+            if t_first is None:
+                t_first = t_last = time.perf_counter()
+            else:
+                now = time.perf_counter()
+                step_ms.append((now - t_last) * 1e3)
+                t_last = now
+            if all(f is not None for f in finish):
+                break
+            logits = self._step(buf, tokens, next_pos + step, longest + step + 1)
+        t_end = time.perf_counter()
+        for r in range(B):
+            if finish[r] == "length" or finish[r] is None:
+                tail = (decoders[r].flush() if decoders[r] else "")
+                out, stopped = stops[r].push(tail)
+                out += "" if stopped else stops[r].flush()
+                finish[r] = "stop" if stopped else (finish[r] or "length")
+                if out:
+                    texts[r] += out
+                    yield (r, out)
+        n = max(len(g) for g in generated)
+        yield [GenerationResult(prompt_ids=list(rows[r]), generated_ids=generated[r], text=texts[r],
+                                finish_reason=finish[r], ttft_ms=(t_first - t0) * 1e3,
+                                tpot_ms=(t_end - t_first) * 1e3 / max(n - 1, 1), step_ms=step_ms)
+               for r in range(B)]
+
+    def _step(self, buf: _Buffers, ids: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
+        """Run the graph on `ids` [B, S] at `pos` with `total` = past + S; returns logits[:, -1] [B, V] (host)."""
+        B, S = ids.shape
+        V = self.config.vocab_size
+        binding, io = buf.binding, self.session.io
+        buf.ids.view((B, S))[...] = ids
+        buf.pos.view((B, S))[...] = pos
+        # The graph takes a contiguous [B, total] mask. One row has no padding: a prefix of the all-ones
+        # buffer, no work. Left-padded rows are rebuilt per step (B x total int64 on the host); the
+        # in-place flavor replaces the mask with per-row lengths.
+        if B > 1:
+            buf.mask_step.view((B, total))[...] = buf.mask.view((B, buf.capacity))[:, :total]
+        buf.ids.bind_input(binding, io.inputs[0].name, (B, S))
+        buf.mask_step.bind_input(binding, io.inputs[1].name, (B, total))
+        buf.pos.bind_input(binding, io.inputs[2].name, (B, S))
+        buf.kv.bind(binding, S)
+        buf.logits.bind_output(binding, io.outputs[0].name, (B, S, V))
+        self.session.run(binding)
+        buf.kv.advance(S)
+        return buf.logits.view((B, S, V))[:, -1]

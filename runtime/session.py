@@ -1,0 +1,165 @@
+"""An exported decoder on ONNX Runtime: load and check an export, allocate device buffers, bind them.
+
+Buffers are allocated once per (batch, capacity) and reused across steps and generations:
+- KV cache: the portable graph reads past [B, K, P, D] and writes a new present [B, K, P+S, D]; both
+  are bound as raw pointers into two preallocated device buffers per tensor that swap roles each
+  step (ping-pong), so key/values never leave the device and nothing is allocated per step.
+- logits: bound into one preallocated buffer sized for a prefill chunk.
+- input ids / positions / mask: small host buffers, copied to the device by ONNX Runtime.
+The in-place flavor (one shared buffer per tensor) plugs in as another KVCache with the same interface.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from llama3_deploy import contract
+from llama3_deploy.errors import DeployError
+from llama3_deploy.manifest import Manifest, load_manifest
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(bfloat16)": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where the graph and its buffers live: 'cpu' or 'cuda[:N]'."""
+
+    kind: str = "cpu"
+    index: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> Device:
+        kind, _, idx = spec.partition(":")
+        if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
+            raise DeployError(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
+        return cls(kind, int(idx or 0))
+
+    def providers(self) -> list:
+        if self.kind == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeployError("device cuda requested but this onnxruntime has no CUDAExecutionProvider "
+                                  "(install onnxruntime-gpu)")
+            return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+
+class DeviceBuffer:
+    """A flat, preallocated buffer on the device; bound to graph inputs/outputs by pointer and shape."""
+
+    def __init__(self, device: Device, dtype: str, numel: int):
+        self.device, self.dtype, self.numel = device, dtype, numel
+        np_dtype = NP_DTYPES[dtype]
+        if device.kind == "cpu":
+            self.host = np.zeros(numel, dtype=np_dtype)  # the same memory ONNX Runtime reads and writes
+            self.ptr = self.host.ctypes.data
+        else:
+            self.host = None
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type([numel], np_dtype, "cuda", device.index)
+            self.ptr = self.value.data_ptr()
+
+    def view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Host view of the first prod(shape) elements (CPU buffers only)."""
+        return self.host[: int(np.prod(shape))].reshape(shape)
+
+    def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
+        binding.bind_input(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape), self.ptr)
+
+    def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
+        binding.bind_output(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape), self.ptr)
+
+
+class PingPongKV:
+    """KV cache for the portable graph: two device buffers per past/present tensor, swapped each step."""
+
+    def __init__(self, io: contract.DecoderIO, config, dtype: str, device: Device, batch: int, capacity: int):
+        self.io, self.batch, self.capacity = io, batch, capacity
+        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        numel = batch * self.kv_heads * capacity * self.head_dim
+        self.buffers = [(DeviceBuffer(device, dtype, numel), DeviceBuffer(device, dtype, numel))
+                        for _ in io.past_names]
+        self.length = 0   # tokens currently cached
+        self.parity = 0   # which buffer of each pair holds the cache
+
+    def reset(self) -> None:
+        self.length, self.parity = 0, 0
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        if self.length + new_tokens > self.capacity:
+            raise DeployError(f"KV cache capacity {self.capacity} exceeded")
+        past = (self.batch, self.kv_heads, self.length, self.head_dim)
+        present = (self.batch, self.kv_heads, self.length + new_tokens, self.head_dim)
+        for (a, b), p_name, o_name in zip(self.buffers, self.io.past_names, self.io.present_names):
+            src, dst = (a, b) if self.parity == 0 else (b, a)
+            src.bind_input(binding, p_name, past)
+            dst.bind_output(binding, o_name, present)
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+        self.parity ^= 1
+
+
+class DecoderSession:
+    """An export directory loaded into ONNX Runtime, checked against its manifest."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0,
+                 graph_optimization: str = "all"):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise DeployError(f"export directory not found: {self.model_dir}")
+        for name in (MODEL_FILE, DATA_FILE, "config.json"):
+            if not (self.model_dir / name).is_file():
+                raise DeployError(f"export directory {self.model_dir} is missing {name}")
+        self.manifest: Manifest = load_manifest(self.model_dir)
+        self.config, self.dtype, self.io = self.manifest.config, self.manifest.dtype, self.manifest.io
+        self.device = Device.parse(device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if graph_optimization not in levels:
+            raise DeployError(f"graph_optimization must be one of {', '.join(levels)}")
+        opts.graph_optimization_level = levels[graph_optimization]
+        try:
+            self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), opts,
+                                                providers=self.device.providers())
+        except Exception as e:  # ONNX Runtime raises its own types for unreadable or invalid models
+            raise DeployError(f"ONNX Runtime cannot load {self.model_dir / MODEL_FILE} (corrupt or incomplete "
+                              f"export?): {str(e).splitlines()[0][:300]}") from None
+        self._check_graph_matches_manifest()
+
+    def _check_graph_matches_manifest(self) -> None:
+        def describe(values):
+            return [(v.name, ORT_TYPES.get(v.type, v.type), tuple(v.shape)) for v in values]
+
+        got_in, got_out = describe(self.session.get_inputs()), describe(self.session.get_outputs())
+        want_in = [(s.name, s.dtype, s.shape) for s in self.io.inputs]
+        want_out = [(s.name, s.dtype, s.shape) for s in self.io.outputs]
+        if got_in != want_in or got_out != want_out:
+            diff = [f"{g} vs manifest {w}" for g, w in zip(got_in + got_out, want_in + want_out) if g != w]
+            if len(got_in) + len(got_out) != len(want_in) + len(want_out):
+                diff.insert(0, f"graph has {len(got_in)} inputs/{len(got_out)} outputs, manifest "
+                               f"{len(want_in)}/{len(want_out)}")
+            raise DeployError(f"export {self.model_dir}: graph does not match its manifest: {'; '.join(diff[:3])}")
+
+    def new_binding(self) -> ort.IOBinding:
+        return self.session.io_binding()
+
+    def kv_cache(self, batch: int, capacity: int):
+        """A KV cache for this graph's flavor, allocated once for `batch` rows of `capacity` tokens."""
+        if self.manifest.flavor != "portable":
+            raise DeployError(f"no KV cache binding for flavor {self.manifest.flavor!r}")
+        return PingPongKV(self.io, self.config, self.dtype, self.device, batch, capacity)
+
+    def run(self, binding: ort.IOBinding) -> None:
+        self.session.run_with_iobinding(binding)
+        if self.device.kind != "cpu":
+            binding.synchronize_outputs()
