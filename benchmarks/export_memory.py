@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", required=True, help="JSON file to write")
     p.add_argument("--keep", action="store_true", help="keep the exported directory")
     args = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "llama3_deploy.cli", "export", "--model", args.checkpoint, "--output", args.output,
+    cmd = [sys.executable, "-m", "llama3_deploy", "export", "--model", args.checkpoint, "--output", args.output,
            "--dtype", args.dtype, "--overwrite"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

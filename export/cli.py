@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for seeded random weights (presets: meta-llama-3-8b-instruct, meta-llama-3.1-8b-instruct, "
                         "meta-llama-3-70b-instruct, llama3-cpu-bench)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
-    p.add_argument("--dtype", choices=contract.EXPORT_DTYPES, default=defaults.DTYPE,
+    p.add_argument("--dtype", choices=[*contract.DTYPE_ALIASES, *contract.EXPORT_DTYPES], default=defaults.DTYPE,
                    help="weight and KV cache dtype (norms, RoPE and softmax stay fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip validation against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory when done")

@@ -139,8 +139,10 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
     """
-    if dtype not in contract.EXPORT_DTYPES:
-        raise DeployError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(contract.EXPORT_DTYPES)}")
+    try:
+        dtype = contract.normalize_dtype(dtype)
+    except ValueError as e:
+        raise DeployError(str(e)) from None
     check_output_dir(output, overwrite=overwrite)
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():

@@ -139,6 +139,10 @@ def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, 
     np_dtype = np.float32 if dtype == "float32" else np.float16
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Validation runs a handful of tokens: no arena (on the CPU EP it would keep the fp32 copies ORT casts
+    # fp16 weights to, i.e. twice the model) and no prepacked weight copies.
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
 
     ids, mask, pos = validation_inputs(config)

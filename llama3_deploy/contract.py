@@ -25,6 +25,15 @@ TOTAL_SEQUENCE = "total_sequence_length"
 Dim = Union[int, str]
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def normalize_dtype(name: str) -> str:
+    """fp32/fp16/bf16 or float32/float16/bfloat16 -> the canonical name; ValueError otherwise."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in EXPORT_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join([*DTYPE_ALIASES, *EXPORT_DTYPES])}")
+    return canonical
 LOGITS_DTYPE = "float32"  # logits leave the graph in fp32 whatever the weights' dtype
 
 

@@ -15,7 +15,7 @@ from export.pipeline import export_model
 from llama3_deploy import contract
 from llama3_deploy.cli import main
 from llama3_deploy.config import load_config
-from llama3_deploy.errors import ValidationError
+from llama3_deploy.errors import DeployError, ValidationError
 from tests.conftest import PARITY_CONFIGS, tiny_config, write_random_checkpoint
 from tests.test_model import ATOL, hf_kv, hf_model, left_padded
 
@@ -114,7 +114,7 @@ def test_optimum_generates_same_greedy_tokens(tiny_export, tiny_checkpoint):
 
 
 def test_fp16_export_validates(tiny_checkpoint, tmp_path):
-    result = export_model(str(tiny_checkpoint), tmp_path / "fp16", dtype="float16", progress=False)
+    result = export_model(str(tiny_checkpoint), tmp_path / "fp16", dtype="fp16", progress=False)
     numeric = result.manifest["validation"]["numeric"]
     assert numeric["dtype"] == "float16" and all(s["ok"] for s in numeric["steps"])
     sess = session(result.output)
@@ -223,6 +223,12 @@ def test_pickle_only_checkpoint_is_refused_unopened(tmp_path, capsys):
     rc, err = _export_cli(ckpt, tmp_path / "out", capsys=capsys)
     assert rc == 2 and "pickle checkpoints" in err and "pytorch_model.bin" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_unknown_dtype(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(DeployError, match="unsupported dtype 'int3'"):
+        export_model(str(tiny_checkpoint), tmp_path / "x", dtype="int3")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_is_a_file(tiny_checkpoint, tmp_path, capsys):

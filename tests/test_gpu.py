@@ -1,0 +1,22 @@
+"""CUDA execution provider: the same tokens as on CPU. Skipped where onnxruntime has no CUDA provider."""
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from runtime.generate import Generator
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                       reason="needs onnxruntime-gpu and a CUDA device (none on this machine)"),
+]
+
+
+def test_cuda_greedy_equals_cpu(tiny_export):
+    prompts = [[5, 9, 33, 100, 7], [44, 21, 9]]
+    cpu = Generator(tiny_export).generate(prompts, max_new_tokens=24, ignore_eos=True)
+    gpu = Generator(tiny_export, device="cuda:0")
+    cuda = gpu.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    assert [r.generated_ids for r in cuda] == [r.generated_ids for r in cpu]
+    assert all(a.value.device_name() == "cuda" for a, _ in gpu._buffers.kv.buffers)  # KV lives on the device
