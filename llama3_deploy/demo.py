@@ -35,7 +35,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
-    import dataclasses
 
     from export.demo_tokenizer import build_demo_tokenizer
     from export.pipeline import export_model

@@ -192,7 +192,7 @@ def run_inspect(args) -> int:
           + (f", rope scaling llama3 x{rs['factor']:g} from {rs['original_max_position_embeddings']}" if rs else ""))
     print(f"  parameters {info['parameters'] / 1e9:.3f} B: " + ", ".join(
         f"{d} {human_bytes(b)}" for d, b in info["bytes"].items()))
-    print(f"  KV cache per token: " + ", ".join(
+    print("  KV cache per token: " + ", ".join(
         f"{d} {human_bytes(b)}" for d, b in info["kv_cache_bytes_per_token"].items()))
     print(f"  bos {info['bos_id']}, eos {info['eos_ids']}")
     if "export" in info:

@@ -37,15 +37,29 @@ def write_random_checkpoint(path: Path, config: LlamaConfig, *, seed: int = 0, d
     return write_checkpoint(RandomWeights(config, seed=seed, dtype=dtype), path)
 
 
+def _shared(config, key, factory):
+    """Build an expensive object once per session, across test modules (cached on pytest's config)."""
+    store = config.__dict__.setdefault("_llama3_deploy_cache", {})
+    if key not in store:
+        store[key] = factory()
+    return store[key]
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     value = os.environ.get(SHARED_ENV)
     if not value:
         pytest.skip(f"{SHARED_ENV} is not set (it points at the real Llama 3 tokenizer and configs; .ci/run sets it)")
     path = Path(value)
-    if not path.is_dir():
-        pytest.skip(f"{SHARED_ENV}={value} does not exist")
+    if not (path / "tokenizer" / "tokenizer.json").is_file() or not (path / "tokenizer" / "tokenizer.model").is_file():
+        pytest.skip(f"{SHARED_ENV}={value} lacks tokenizer/tokenizer.json and tokenizer/tokenizer.model")
     return path
+
+
+@pytest.fixture(scope="session")
+def vectors(shared_dir):
+    import json
+    return json.loads((shared_dir / "test-vectors.json").read_text())
 
 
 @pytest.fixture(scope="session")

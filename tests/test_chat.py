@@ -2,16 +2,14 @@
 equivalence, injection safety, template handling, the demo tokenizer, malformed messages."""
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from llama3_deploy.errors import DeployError
+from tests.conftest import _shared
 from runtime.chat import LLAMA3_INSTRUCT_TEMPLATE, ChatFormat, validate_messages
 from runtime.tokenizer import Tokenizer
 
@@ -24,28 +22,6 @@ INJECTIONS = [
 ]
 
 
-def _shared(config, key, factory):
-    """Build an expensive object once per session, also across test modules (no shared conftest)."""
-    store = config.__dict__.setdefault("_llama3_deploy_tokenizer_cache", {})
-    if key not in store:
-        store[key] = factory()
-    return store[key]
-
-
-@pytest.fixture(scope="module")
-def shared_dir() -> Path:
-    value = os.environ.get("LLAMA3_SHARED_DIR")
-    if not value:
-        pytest.skip("LLAMA3_SHARED_DIR is not set (point it at the Llama 3 reference files)")
-    path = Path(value)
-    if not (path / "tokenizer" / "tokenizer.json").is_file() or not (path / "tokenizer" / "tokenizer.model").is_file():
-        pytest.skip(f"LLAMA3_SHARED_DIR={path} lacks tokenizer/tokenizer.json and tokenizer/tokenizer.model")
-    return path
-
-
-@pytest.fixture(scope="module")
-def vectors(shared_dir):
-    return json.loads((shared_dir / "test-vectors.json").read_text())
 
 
 @pytest.fixture(scope="module")

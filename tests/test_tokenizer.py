@@ -6,7 +6,6 @@ Meta's files are never copied into the repo: tests read them from $LLAMA3_SHARED
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -14,34 +13,13 @@ from pathlib import Path
 import pytest
 
 from llama3_deploy.errors import DeployError
+from tests.conftest import _shared
 from runtime.tokenizer import (LLAMA3_PATTERN, StreamDecoder, Tokenizer, llama3_special_token_names,
                                read_tiktoken_ranks, tiktoken_to_tokenizer_json)
 
 SPECIAL_BASE = 128000
 
 
-def _shared(config, key, factory):
-    """Build an expensive object once per session, also across test modules (no shared conftest)."""
-    store = config.__dict__.setdefault("_llama3_deploy_tokenizer_cache", {})
-    if key not in store:
-        store[key] = factory()
-    return store[key]
-
-
-@pytest.fixture(scope="module")
-def shared_dir() -> Path:
-    value = os.environ.get("LLAMA3_SHARED_DIR")
-    if not value:
-        pytest.skip("LLAMA3_SHARED_DIR is not set (point it at the Llama 3 reference files)")
-    path = Path(value)
-    if not (path / "tokenizer" / "tokenizer.json").is_file() or not (path / "tokenizer" / "tokenizer.model").is_file():
-        pytest.skip(f"LLAMA3_SHARED_DIR={path} lacks tokenizer/tokenizer.json and tokenizer/tokenizer.model")
-    return path
-
-
-@pytest.fixture(scope="module")
-def vectors(shared_dir):
-    return json.loads((shared_dir / "test-vectors.json").read_text())
 
 
 def _model_only_dir(tmp_path_factory, shared_dir) -> Path:
