@@ -74,3 +74,11 @@ def test_inspect_real_configs(shared_dir, capsys):
     assert main(["inspect", "--model", str(shared_dir / "configs" / "meta-llama-3-70b-instruct"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 80 and info["kv_heads"] == 8 and 70.5e9 < info["parameters"] < 70.6e9
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--prompt-tokens", "16", "--new-tokens", "4",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "| llama3-deploy ort" in out and "| pytorch eager" in out
+    assert "assistant> " in out and "validation decode" in out

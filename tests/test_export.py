@@ -247,3 +247,14 @@ def test_existing_output_survives_a_failed_export(tmp_path, capsys):
     rc, err = _export_cli(tmp_path / "missing", out, capsys=capsys)
     assert rc == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bf16_export_is_checked_structurally_and_says_why(tiny_checkpoint, tmp_path):
+    result = export_model(str(tiny_checkpoint), tmp_path / "bf16", dtype="bf16", progress=False)
+    validation = result.manifest["validation"]
+    assert validation["structure"]["onnx_checker"] == "passed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "CUDA execution provider" in validation["numeric"]
+    import onnx
+    proto = onnx.load(str(result.output / "model.onnx"), load_external_data=False)
+    assert proto.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
