@@ -258,3 +258,23 @@ def test_bf16_export_is_checked_structurally_and_says_why(tiny_checkpoint, tmp_p
     import onnx
     proto = onnx.load(str(result.output / "model.onnx"), load_external_data=False)
     assert proto.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+
+
+def test_sharded_checkpoint_loads_strictly(tmp_path):
+    from export.weights import RandomWeights, SafetensorsCheckpoint, write_checkpoint
+    from llama3_deploy.errors import CheckpointError
+    config = tiny_config()
+    source = RandomWeights(config, seed=9, dtype="float32")
+    ckpt = write_checkpoint(source, tmp_path / "sharded", shard_bytes=200_000)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    loaded = SafetensorsCheckpoint(ckpt)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        assert torch.equal(loaded.get(name), source.get(name))
+    assert torch.equal(loaded.get_rows("lm_head.weight", 10, 20), source.get("lm_head.weight")[10:20])
+    first_shard = ckpt / sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "elsewhere.safetensors").write_bytes(first_shard.read_bytes())
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        SafetensorsCheckpoint(ckpt)
