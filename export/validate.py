@@ -147,17 +147,22 @@ def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, 
 
     ids, mask, pos = validation_inputs(config)
     b = ids.shape[0]
-    empty = [torch.zeros(b, config.num_key_value_heads, 0, config.head_dim) for _ in io.past_names]
-    steps = []
-    onnx_past = [p.numpy().astype(np_dtype) for p in empty]
-    ref_past = empty
-    step_inputs = [(ids, mask, pos)]
     next_ids = torch.tensor([[7 % config.vocab_size]] * b)
-    step_inputs.append((next_ids, torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1), pos[:, -1:] + 1))
-    for step, (s_ids, s_mask, s_pos) in enumerate(step_inputs):
+    step_inputs = [(ids, mask, pos),
+                   (next_ids, torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1), pos[:, -1:] + 1)]
+    # ONNX Runtime first, both steps, then free it: the reference never shares memory with the session.
+    onnx_outputs = []
+    onnx_past = [np.zeros((b, config.num_key_value_heads, 0, config.head_dim), np_dtype) for _ in io.past_names]
+    for s_ids, s_mask, s_pos in step_inputs:
         feed = {contract.INPUT_IDS: s_ids.numpy(), contract.ATTENTION_MASK: s_mask.numpy(),
                 contract.POSITION_IDS: s_pos.numpy(), **dict(zip(io.past_names, onnx_past))}
-        outputs = session.run(None, feed)
+        onnx_outputs.append(session.run(None, feed))
+        onnx_past = onnx_outputs[-1][1:]
+    del session, onnx_past
+
+    steps = []
+    ref_past = [torch.zeros(b, config.num_key_value_heads, 0, config.head_dim) for _ in io.past_names]
+    for step, ((s_ids, s_mask, s_pos), outputs) in enumerate(zip(step_inputs, onnx_outputs)):
         ref_logits, ref_present = streamed_reference(source, config, s_ids, s_mask, s_pos, ref_past)
         results = [_compare(contract.LOGITS, outputs[0], ref_logits, tol)]
         results += [_compare(n, o, r, tol) for n, o, r in zip(io.present_names, outputs[1:], ref_present)]
@@ -167,8 +172,7 @@ def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, 
                       "worst_tensor": worst["tensor"], "worst_max_abs_diff": worst.get("max_abs_diff"),
                       "worst_limit": worst.get("limit"), "ok": all(r["ok"] for r in results),
                       "failures": [r for r in results if not r["ok"]][:5]})
-        onnx_past, ref_past = outputs[1:], ref_present
-    del session
+        ref_past = ref_present
     figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
                "providers": providers or ["CPUExecutionProvider"], "steps": steps}
     if not all(s["ok"] for s in steps):
