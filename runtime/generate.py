@@ -20,6 +20,7 @@ from .session import DecoderSession, Device, DeviceBuffer
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill run; bounds the logits buffer to B x chunk x V
+CAPACITY_PAGE = 256  # KV capacity grows in whole pages, so slightly longer prompts reuse the buffers
 Messages = Sequence[dict]
 Prompt = Union[str, Sequence[int], Messages]
 
@@ -105,7 +106,10 @@ class Generator:
         self.eos_ids = frozenset(self.config.eos_token_ids)
         self._buffers: _Buffers | None = None
 
-    from_dir = classmethod(lambda cls, model_dir, **kw: cls(model_dir, **kw))
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs) -> Generator:
+        """Same as Generator(model_dir, ...): device, threads, graph_optimization, prefill_chunk."""
+        return cls(model_dir, **kwargs)
 
     # --- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
@@ -161,9 +165,13 @@ class Generator:
 
     # --- the loop ------------------------------------------------------------------------------------
     def _prepare(self, batch: int, capacity: int) -> _Buffers:
+        """The buffers for this shape: reused when they fit, else reallocated once (capacity in whole pages)."""
         b = self._buffers
         if b is None or b.batch != batch or b.capacity < capacity:
-            b = self._buffers = None  # free the old buffers before allocating new ones
+            pages = -(-capacity // CAPACITY_PAGE) * CAPACITY_PAGE
+            capacity = min(max(pages, b.capacity if b is not None and b.batch == batch else 0),
+                           max(capacity, self.config.max_position_embeddings))
+            self._buffers = None  # release the old buffers before allocating new ones
             b = self._buffers = _Buffers(self.session, batch, capacity, self.prefill_chunk)
         b.kv.reset()
         return b
