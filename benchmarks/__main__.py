@@ -1,0 +1,6 @@
+"""`python -m benchmarks ...`: the same as `llama3-deploy bench ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,314 @@
+"""Engines under test, each timing the same work: a forced number of greedy tokens after a prefill.
+
+Every engine returns the time to first token (request in -> first greedy token on the host) and each
+later decode step's time, measured around the engine's own calls, synchronised on CUDA. Warm-up runs
+are the caller's business. The harness gives every row of a batch the same prompt length, so no
+engine pays for padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from pathlib import Path
+
+ENGINE_KINDS = ("ort", "torch-eager", "torch-compile", "optimum", "genai")
+
+
+@dataclasses.dataclass
+class Timing:
+    ttft_ms: float
+    step_ms: list[float]
+    tokens: list[list[int]]
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _same_length(prompts: list[list[int]]) -> None:
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("this engine's timing loop takes prompts of one length (no padding)")
+
+
+class OrtEngine:
+    """This project's runtime (IO-bound ONNX Runtime loop) on an export directory."""
+
+    kind = "ort"
+
+    def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0, label: str | None = None):
+        from runtime.generate import Generator
+        self.gen = Generator(export_dir, device=device, threads=threads)
+        self.dtype = self.gen.session.dtype
+        self.name = label or f"llama3-deploy ort ({self.dtype}, {self.gen.session.manifest.flavor})"
+        self.version = f"llama3-deploy {_version('llama3-deploy')}, onnxruntime {_version('onnxruntime')}"
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        from runtime.sampling import SamplingParams
+        results = self.gen.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        return Timing(results[0].ttft_ms, results[0].step_ms, [r.generated_ids for r in results])
+
+
+class _Torch:
+    """Shared loading and helpers of the PyTorch engines (transformers' LlamaForCausalLM)."""
+
+    def __init__(self, checkpoint_dir: str | Path, *, dtype: str, device: str, attn_implementation: str,
+                 threads: int = 0):
+        import torch
+        from transformers import LlamaForCausalLM
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch, self.device, self.dtype = torch, device, dtype
+        self.model = LlamaForCausalLM.from_pretrained(
+            checkpoint_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation).to(device).eval()
+        self.version = f"torch {torch.__version__}, transformers {_version('transformers')}"
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def _ids(self, prompts: list[list[int]]):
+        _same_length(prompts)
+        return self.torch.tensor(prompts, dtype=self.torch.int64, device=self.device)
+
+
+class TorchEagerEngine(_Torch):
+    """transformers' LlamaForCausalLM, eager PyTorch, with its own KV cache (DynamicCache).
+
+    Prefill asks for last-position logits only (`logits_to_keep=1`), as `generate()` does.
+    """
+
+    kind = "torch-eager"
+
+    def __init__(self, checkpoint_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                 attn_implementation: str = "sdpa", threads: int = 0):
+        super().__init__(checkpoint_dir, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                         threads=threads)
+        self.name = f"pytorch eager ({dtype}, {attn_implementation})"
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        torch = self.torch
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+        with torch.inference_mode():
+            self._sync()
+            t0 = time.perf_counter()
+            ids = self._ids(prompts)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            first = tok.tolist()  # on the host: synchronised
+            ttft = (time.perf_counter() - t0) * 1e3
+            pos = ids.shape[1]
+            for r, t in enumerate(first):
+                out_tokens[r].append(t[0])
+            for _ in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                position = torch.full_like(tok, pos)
+                out = self.model(input_ids=tok, position_ids=position, past_key_values=out.past_key_values,
+                                 use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                host = tok.tolist()
+                steps.append((time.perf_counter() - t1) * 1e3)
+                pos += 1
+                for r, t in enumerate(host):
+                    out_tokens[r].append(t[0])
+        return Timing(ttft, steps, out_tokens)
+
+
+class TorchCompiledEngine(_Torch):
+    """LlamaForCausalLM with a StaticCache and a torch.compile'd decode step (transformers' documented
+    recipe: eager prefill into the static cache, then `torch.compile(decode, mode="reduce-overhead",
+    fullgraph=True)`, CUDA graphs on GPU). The cache holds max(prompt + new tokens, `max_cache_len`)
+    tokens per row, as a server sizes it once; each new cache shape (batch, length) recompiles, which
+    warm-up absorbs, never a timed run.
+    """
+
+    kind = "torch-compile"
+
+    def __init__(self, checkpoint_dir: str | Path, *, dtype: str = "float16", device: str = "cuda",
+                 attn_implementation: str = "sdpa", backend: str = "inductor", mode: str | None = None,
+                 max_cache_len: int = 0, threads: int = 0):
+        super().__init__(checkpoint_dir, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                         threads=threads)
+        torch = self.torch
+        self.mode = mode if mode is not None else ("reduce-overhead" if device.startswith("cuda") else "default")
+        self.backend, self.max_cache_len = backend, max_cache_len
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        model = self.model
+
+        def decode(tok, cache_position, past_key_values):
+            logits = model(tok, cache_position=cache_position, past_key_values=past_key_values,
+                           return_dict=False, use_cache=True)[0]
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        kw = {"mode": self.mode} if backend == "inductor" else {}
+        self.decode = torch.compile(decode, fullgraph=True, backend=backend, **kw)
+        self.name = f"pytorch compiled ({dtype}, static cache, torch.compile {backend}/{self.mode})"
+        self._cache, self._shape = None, None
+
+    def _static_cache(self, batch: int, capacity: int):
+        from transformers import StaticCache
+        if self._shape != (batch, capacity):
+            self._cache = None
+            self._cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            self._shape = (batch, capacity)
+        else:
+            self._cache.reset()
+        return self._cache
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        torch = self.torch
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+        with torch.inference_mode():
+            self._sync()
+            t0 = time.perf_counter()
+            ids = self._ids(prompts)
+            S = ids.shape[1]
+            cache = self._static_cache(len(prompts), max(S + new_tokens, self.max_cache_len))
+            logits = self.model(ids, cache_position=torch.arange(S, device=self.device), past_key_values=cache,
+                                return_dict=False, use_cache=True, logits_to_keep=1)[0]
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            first = tok.tolist()
+            ttft = (time.perf_counter() - t0) * 1e3
+            for r, t in enumerate(first):
+                out_tokens[r].append(t[0])
+            cache_position = torch.tensor([S], device=self.device)
+            for _ in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                tok = self.decode(tok.clone(), cache_position, cache)
+                host = tok.tolist()
+                steps.append((time.perf_counter() - t1) * 1e3)
+                cache_position += 1
+                for r, t in enumerate(host):
+                    out_tokens[r].append(t[0])
+        return Timing(ttft, steps, out_tokens)
+
+
+class OptimumEngine:
+    """Optimum's ORTModelForCausalLM on an `optimum-cli export onnx --task text-generation-with-past` export.
+
+    Timed with a manual greedy loop over its forward (input ids, attention mask, position ids,
+    past_key_values), the calls `generate()` makes, without generate()'s logits processors.
+    """
+
+    kind = "optimum"
+
+    def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+        self.torch, self.device = torch, device
+        self.model = ORTModelForCausalLM.from_pretrained(export_dir, provider=provider, session_options=opts,
+                                                         use_cache=True)
+        self.name = "optimum ORTModelForCausalLM"
+        self.version = (f"optimum {_version('optimum')}, optimum-onnx {_version('optimum-onnx')}, "
+                        f"onnxruntime {_version('onnxruntime')}")
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        torch = self.torch
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            _same_length(prompts)
+            ids = torch.tensor(prompts, dtype=torch.int64, device=self.device)
+            B, S = ids.shape
+            mask = torch.ones(B, S + new_tokens, dtype=torch.int64, device=self.device)
+            pos = torch.arange(S, device=self.device).expand(B, S)
+            out = self.model(input_ids=ids, attention_mask=mask[:, :S], position_ids=pos, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            first = tok.tolist()
+            ttft = (time.perf_counter() - t0) * 1e3
+            for r, t in enumerate(first):
+                out_tokens[r].append(t[0])
+            for i in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                position = torch.full((B, 1), S + i, dtype=torch.int64, device=self.device)
+                out = self.model(input_ids=tok, attention_mask=mask[:, :S + i + 1], position_ids=position,
+                                 past_key_values=out.past_key_values, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                host = tok.tolist()
+                steps.append((time.perf_counter() - t1) * 1e3)
+                for r, t in enumerate(host):
+                    out_tokens[r].append(t[0])
+        return Timing(ttft, steps, out_tokens)
+
+
+class GenaiEngine:
+    """onnxruntime-genai on a model built by its own builder (runs in its own virtual environment).
+
+    TTFT covers GeneratorParams + Generator creation, `append_tokens(prompt)` (the prefill) and the
+    first `generate_next_token()` (greedy pick from the prefill logits); each later
+    `generate_next_token()` + `get_next_tokens()` is one decode step. min_length = max_length forces
+    the token count.
+    """
+
+    kind = "genai"
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0):
+        import onnxruntime_genai as og
+        self.og = og
+        self.model = og.Model(str(model_dir))
+        self.name = "onnxruntime-genai"
+        self.version = f"onnxruntime-genai {_version('onnxruntime-genai')}, onnxruntime {_version('onnxruntime')}"
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        import numpy as np
+        og = self.og
+        _same_length(prompts)
+        B, S = len(prompts), len(prompts[0])
+        ids = np.asarray(prompts, dtype=np.int32)
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+        t0 = time.perf_counter()
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=S + new_tokens, min_length=S + new_tokens, do_sample=False,
+                                  batch_size=B)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        tok = gen.get_next_tokens().tolist()
+        ttft = (time.perf_counter() - t0) * 1e3
+        for r in range(B):
+            out_tokens[r].append(int(tok[r]))
+        for _ in range(new_tokens - 1):
+            if gen.is_done():
+                raise RuntimeError(f"onnxruntime-genai stopped after {len(out_tokens[0])} of {new_tokens} tokens")
+            t1 = time.perf_counter()
+            gen.generate_next_token()
+            tok = gen.get_next_tokens().tolist()
+            steps.append((time.perf_counter() - t1) * 1e3)
+            for r in range(B):
+                out_tokens[r].append(int(tok[r]))
+        del gen
+        return Timing(ttft, steps, out_tokens)
+
+
+def make_engine(spec: dict):
+    """Build an engine from a spec: {"kind", "path", "device", "dtype", "threads", "options"}."""
+    kind, path = spec["kind"], spec["path"]
+    device, threads = spec.get("device", "cpu"), int(spec.get("threads", 0))
+    opts = spec.get("options") or {}
+    if device.startswith("cuda") and kind in ("ort", "optimum"):
+        import onnxruntime
+        if hasattr(onnxruntime, "preload_dlls"):  # CUDA/cuDNN from the pip-installed NVIDIA wheels
+            onnxruntime.preload_dlls()
+    if kind == "ort":
+        return OrtEngine(path, device=device, threads=threads)
+    if kind == "torch-eager":
+        return TorchEagerEngine(path, dtype=spec.get("dtype", "float32"), device=device, threads=threads, **opts)
+    if kind == "torch-compile":
+        return TorchCompiledEngine(path, dtype=spec.get("dtype", "float16"), device=device, threads=threads, **opts)
+    if kind == "optimum":
+        return OptimumEngine(path, device=device, threads=threads)
+    if kind == "genai":
+        return GenaiEngine(path, device=device, threads=threads)
+    raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(ENGINE_KINDS)}")

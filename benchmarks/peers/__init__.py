@@ -1,0 +1,1 @@
+"""Peer engines: their environments, builds and versions."""

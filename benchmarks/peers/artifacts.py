@@ -1,0 +1,141 @@
+"""What each engine loads, built from one checkpoint with each engine's own tool, cached in a work directory.
+
+- the checkpoint: Hugging Face safetensors with seeded random weights (`random:PRESET`), or a given dir;
+- this project: `llama3-deploy export` (validated ONNX decoder), one per precision;
+- Optimum: `optimum-cli export onnx --task text-generation-with-past` (main environment);
+- onnxruntime-genai: its model builder, `python -m onnxruntime_genai.models.builder`, run by the Python
+  of its own virtual environment (benchmarks/peers/setup_genai.sh). The builder insists on a tokenizer,
+  which random checkpoints lack, so it reads a directory of links to the checkpoint plus a minimal
+  word-level tokenizer (token ids are what the benchmark feeds; the tokenizer is never used).
+
+Every build runs as a child process (so the bench process stays small) and reports its command and time.
+An artifact whose directory holds a `.complete` marker is reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = ".complete"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], out: Path, *, what: str, log: Path, env: dict | None = None) -> dict:
+    """Run a build command into `out` (removed first), logging to `log`; mark it complete."""
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0 or not out.is_dir():
+        tail = log.read_text(errors="replace")[-1500:]
+        raise BuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    (out / MARK).write_text(json.dumps({"command": cmd, "seconds": seconds}))
+    return {"path": str(out), "command": " ".join(cmd), "seconds": round(seconds, 1), "cached": False}
+
+
+def _cached(out: Path) -> dict | None:
+    if (out / MARK).is_file():
+        info = json.loads((out / MARK).read_text())
+        return {"path": str(out), "command": " ".join(info["command"]), "seconds": round(info["seconds"], 1),
+                "cached": True}
+    return None
+
+
+def checkpoint(model: str, work: Path, *, dtype: str, seed: int = 0) -> dict:
+    """A checkpoint directory: `model` itself, or seeded random weights for `random:PRESET` in `dtype`."""
+    if not model.startswith("random:"):
+        if not Path(model).is_dir():
+            raise BuildError(f"checkpoint directory not found: {model}")
+        return {"path": str(Path(model).resolve()), "command": None, "seconds": 0.0, "cached": True,
+                "weights": "as given"}
+    preset = model[len("random:"):]
+    out = work / f"ckpt-{preset}-{dtype}-seed{seed}"
+    info = _cached(out) or _run([sys.executable, "-m", "benchmarks.make_checkpoint", "--preset", preset,
+                                 "--output", str(out), "--seed", str(seed), "--dtype", dtype, "--overwrite"],
+                                out, what="random checkpoint", log=work / f"{out.name}.log")
+    info["weights"] = f"seeded random (seed {seed}), {dtype}"
+    return info
+
+
+def ours(ckpt: str, work: Path, *, dtype: str) -> dict:
+    """This project's validated ONNX export of the checkpoint."""
+    out = work / f"ort-{dtype}"
+    return _cached(out) or _run([sys.executable, "-m", "llama3_deploy", "export", "--model", ckpt, "--output",
+                                 str(out), "--dtype", dtype, "--overwrite"], out, what="llama3-deploy export",
+                                log=work / f"{out.name}.log")
+
+
+def optimum(ckpt: str, work: Path, *, dtype: str, device: str = "cpu") -> dict:
+    """Optimum's ONNX export (text-generation-with-past) of the checkpoint."""
+    out = work / f"optimum-{dtype}"
+    cli = shutil.which("optimum-cli") or "optimum-cli"
+    cmd = [cli, "export", "onnx", "--model", ckpt, "--task", "text-generation-with-past"]
+    if dtype == "float16":
+        cmd += ["--dtype", "fp16"]
+    if device.startswith("cuda"):
+        cmd += ["--device", "cuda"]
+    return _cached(out) or _run(cmd + [str(out)], out, what="optimum-cli export onnx", log=work / f"{out.name}.log")
+
+
+def _genai_input(ckpt: Path, dest: Path) -> Path:
+    """Links to the checkpoint's files plus a minimal tokenizer the genai builder can load."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            os.symlink(f.resolve(), dest / f.name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    eos = eos[-1] if isinstance(eos, list) else eos
+    bos = cfg.get("bos_token_id")
+    specials = {i for i in (bos, eos) if i is not None}
+    unk = min(set(range(len(specials) + 1)) - specials)
+    # The model's own BOS/EOS ids, so the builder adds no foreign id to genai_config's EOS list.
+    vocab = {"<unk>": unk, "<|begin_of_text|>": bos if bos is not None else unk + 1,
+             "<|eot_id|>": eos if eos is not None else unk + 2}
+    (dest / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>", "unk_token": "<unk>"}))
+    return dest
+
+
+def genai(ckpt: str, work: Path, *, dtype: str, python: str, device: str = "cpu") -> dict:
+    """onnxruntime-genai's model builder output for the checkpoint, built in the genai venv."""
+    if not Path(python).is_file():
+        raise BuildError(f"onnxruntime-genai environment not found ({python}); create it with "
+                         "`bash benchmarks/peers/setup_genai.sh`")
+    out = work / f"genai-{dtype}-{device.split(':')[0]}"
+    cached = _cached(out)
+    if cached:
+        return cached
+    src = _genai_input(Path(ckpt), work / "genai-input")
+    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+    cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+           "-e", "cuda" if device.startswith("cuda") else "cpu", "-c", str(work / "genai-cache")]
+    return _run(cmd, out, what="onnxruntime-genai model builder", log=work / f"{out.name}.log")
+
+
+def venv_versions(python: str, packages: tuple[str, ...]) -> dict:
+    """Package versions inside another environment, asked of its own Python."""
+    code = ("import importlib.metadata as m, json, sys\nout = {'python': sys.version.split()[0]}\n"
+            f"for p in {list(packages)!r}:\n    try: out[p] = m.version(p)\n    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    try:
+        return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+        return {}

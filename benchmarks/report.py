@@ -1,0 +1,184 @@
+"""A benchmark JSON rendered for people: a Markdown table and PNG plots (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _gib(n) -> str:
+    return f"{n / (1 << 30):.2f}" if n else "-"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
+def _f(x, nd=1) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def result_rows(doc: dict) -> list[dict]:
+    """Results ordered by cell (batch, then prompt length) and engine order of the run."""
+    order = {e["key"]: i for i, e in enumerate(doc.get("engines", []))}
+    return sorted(doc["results"], key=lambda r: (r["batch"], r["prompt_len"], order.get(r["key"], 99)))
+
+
+def markdown(doc: dict) -> str:
+    """The results table with its context: what ran, where, how, and against which floor."""
+    m, p, fl = doc["machine"], doc["protocol"], doc["floor"]
+    model = doc["model"]
+    dev_mem = any(r.get("peak_device_bytes") for r in doc["results"])
+    lines = [
+        f"# {doc['title']}",
+        "",
+        f"**Weights are seeded random (not trained)**: latency and memory are meaningful, output text is not. "
+        f"Model: {model['name']} ({_params(model['parameters'])} parameters, {model['dtype']}, "
+        f"{model['config']['num_hidden_layers']} layers, hidden {model['config']['hidden_size']}, "
+        f"vocabulary {model['config']['vocab_size']}).",
+        "",
+        f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} cores, {m.get('mem_total_gib')} GiB RAM"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; load average at start {m.get('loadavg_start')}, "
+        f"end {m.get('loadavg_end')}. Commit `{doc['git']['commit'][:12]}`{' (dirty tree)' if doc['git'].get('dirty') else ''}; "
+        f"{doc['started']}, {doc['wall_s'] / 60:.1f} min.",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"Protocol: greedy, {p['new_tokens']} forced new tokens per row, same seeded random prompts for every engine; "
+        f"{p['warmup']} warm-up + {p['reps']} timed rounds per cell, engines interleaved (order rotated each round), "
+        f"each engine in its own process; figures are medians over rounds. TPOT p50/p90/p99 are over one round's "
+        f"{p['new_tokens'] - 1} decode steps. tok/s = batch x new tokens / (TTFT + all steps).",
+        "",
+        f"Floor (measured in this run): bandwidth {fl['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (copy, read + write), "
+        f"matmul {fl['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({fl['matmul_dtype']}). TPOT floor = (weights once + KV "
+        f"cache at the mean context) / bandwidth; TTFT floor = max(prefill FLOPs / matmul rate, weight bytes / "
+        f"bandwidth). x floor and x PyTorch are ratios of time (lower is better; 1.00x = at the floor).",
+        "",
+    ]
+    head = ["Engine", "Prec.", "Prompt", "Batch", "TTFT ms", "TTFT floor", "x floor", "TPOT p50", "p90", "p99",
+            "TPOT floor", "x floor", "tok/s", "Peak RSS GiB"] + (["Peak GPU GiB"] if dev_mem else []) + \
+           ["TTFT x PyTorch", "TPOT x PyTorch"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result_rows(doc):
+        f = r.get("floor") or {}
+        rf, rp = r.get("ratio_to_floor") or {}, r.get("ratio_to_pytorch") or {}
+        row = [r["engine"], r["dtype"], str(r["prompt_len"]), str(r["batch"]), _f(r["ttft_ms"]),
+               _f(f.get("ttft_floor_ms")), _ratio(rf.get("ttft")), _f(r["tpot_ms"]["p50"], 2),
+               _f(r["tpot_ms"]["p90"], 2), _f(r["tpot_ms"]["p99"], 2), _f(f.get("tpot_floor_ms"), 2),
+               _ratio(rf.get("tpot_p50")), _f(r["tokens_per_s"]), _gib(r["peak_rss_bytes"])]
+        row += [_gib(r.get("peak_device_bytes"))] if dev_mem else []
+        row += [_ratio(rp.get("ttft")), _ratio(rp.get("tpot_p50"))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Engines (versions as run):", ""]
+    for e in doc["engines"]:
+        lines.append(f"- **{e.get('engine', e['key'])}**: {e.get('version', '?')}"
+                     + (f"; artifact: {e['artifact_note']}" if e.get("artifact_note") else ""))
+    if doc.get("skipped") or doc.get("errors"):
+        lines += ["", "Did not run:", ""]
+        for s in doc.get("skipped", []):
+            lines.append(f"- {s['engine']}: {s['reason']}")
+        seen = set()
+        for e in doc.get("errors", []):
+            if (e["key"], e["error"]) not in seen:
+                seen.add((e["key"], e["error"]))
+                lines.append(f"- {e['key']} ({e['prompt_len']}x{e['batch']} and maybe others): {e['error']}")
+    lines += ["", "Peak RSS: the engine's own worker process, load included (kernel high-water mark, VmHWM); "
+              "`peak_rss_generate_bytes` in the JSON is the peak during generation only.", ""]
+    if doc.get("plots"):
+        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in doc["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def plots(doc: dict, out_dir: str | Path, stem: str) -> list[Path]:
+    """TPOT vs context and TTFT vs prompt length (batch 1), decode tokens/s vs batch; floors dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    results = doc["results"]
+    engines = list(dict.fromkeys(r["engine"] for r in result_rows(doc)))
+    made = []
+
+    def series(engine, batch=None, prompt=None):
+        rows = [r for r in results if r["engine"] == engine and (batch is None or r["batch"] == batch)
+                and (prompt is None or r["prompt_len"] == prompt)]
+        return sorted(rows, key=lambda r: (r["prompt_len"], r["batch"]))
+
+    def floor_line(ax, rows, x_of, y_of, label):
+        if rows and all(r.get("floor") for r in rows):
+            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], "k--", lw=1, label=label)
+
+    specs = [
+        ("tpot-vs-context", "Time per output token vs context (batch 1)", "prompt length (tokens)",
+         "TPOT p50 (ms)", dict(batch=1), lambda r: r["prompt_len"], lambda r: r["tpot_ms"]["p50"],
+         lambda r: r["floor"]["tpot_floor_ms"], "floor (bytes / bandwidth)"),
+        ("ttft-vs-prompt", "Time to first token vs prompt length (batch 1)", "prompt length (tokens)",
+         "TTFT (ms)", dict(batch=1), lambda r: r["prompt_len"], lambda r: r["ttft_ms"],
+         lambda r: r["floor"]["ttft_floor_ms"], "floor (FLOPs / matmul rate)"),
+    ]
+    prompts_multi = sorted({r["prompt_len"] for r in results if r["batch"] > 1})
+    if prompts_multi:
+        p0 = prompts_multi[0]
+        specs.append(("throughput-vs-batch", f"Decode throughput vs batch (prompt {p0})", "batch",
+                      "decode tokens/s (batch / TPOT p50)", dict(prompt=p0), lambda r: r["batch"],
+                      lambda r: r["batch"] / r["tpot_ms"]["p50"] * 1e3,
+                      lambda r: r["batch"] / r["floor"]["tpot_floor_ms"] * 1e3, "ceiling (floor)"))
+    for name, title, xlabel, ylabel, sel, x_of, y_of, fy_of, flabel in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        any_rows = False
+        for eng in engines:
+            rows = series(eng, **sel)
+            if len({x_of(r) for r in rows}) < 1:
+                continue
+            any_rows = True
+            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], "o-", label=eng)
+        ref = max((series(eng, **sel) for eng in engines), key=len, default=[])
+        floor_line(ax, ref, x_of, fy_of, flabel)
+        if not any_rows:
+            plt.close(fig)
+            continue
+        ax.set_xscale("log", base=2)
+        xs = sorted({x_of(r) for eng in engines for r in series(eng, **sel)})
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\n{doc['model']['name']}, {doc['model']['dtype']}, random weights, {doc['machine'].get('short', '')}",
+                     fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def write_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write `<stem>.json`, `<stem>.md` and the PNGs into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = plots(doc, out_dir, stem)
+    doc["plots"] = [p.name for p in pngs]
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(doc, indent=1))
+    md_path.write_text(markdown(doc))
+    return {"json": json_path, "markdown": md_path, **{p.stem: p for p in pngs}}
+
+
+def print_table(doc: dict, file=None) -> None:
+    """A short plain-text table for a terminal."""
+    print(f"{'engine':44} {'prompt':>6} {'batch':>5} {'TTFT ms':>9} {'TPOT p50':>9} {'floor':>7} {'x floor':>7} "
+          f"{'x torch':>7} {'tok/s':>8}", file=file)
+    for r in result_rows(doc):
+        f = r.get("floor") or {}
+        rp = r.get("ratio_to_pytorch") or {}
+        print(f"{r['engine'][:44]:44} {r['prompt_len']:>6} {r['batch']:>5} {r['ttft_ms']:>9.1f} "
+              f"{r['tpot_ms']['p50']:>9.2f} {_f(f.get('tpot_floor_ms'), 2):>7} {_ratio((r.get('ratio_to_floor') or {}).get('tpot_p50')):>7} "
+              f"{_ratio(rp.get('tpot_p50')):>7} {r['tokens_per_s']:>8.1f}", file=file)

@@ -1,0 +1,163 @@
+"""The benchmark harness's own logic on a tiny model: it runs, the JSON has every field, the floor
+follows from the config. Not the speed itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import floor as F
+from benchmarks import harness as H
+from llama3_deploy.config import preset
+
+from .conftest import tiny_config
+
+GENAI_PYTHON = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-genai" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """One artifact cache for the module: the tiny checkpoint is exported once."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+# --- the floor, from the config ----------------------------------------------------------------------
+def test_floor_counts_from_config():
+    c = preset("llama3-cpu-bench")
+    h, i, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    per_layer = h * 1024 + 2 * h * 256 + 1024 * h + 3 * h * i  # q, k, v, o, gate/up/down at 16x64 / 4x64 heads
+    assert F.linear_params(c) == L * per_layer
+    assert abs(c.num_parameters() - 371.7e6) < 0.1e6
+    # decode reads every weight once except the embedding table, of which only the batch's rows
+    assert F.weight_bytes_read(c, "float32", 1) == (c.num_parameters() - V * h + h) * 4
+    assert F.weight_bytes_read(c, "float16", 4) == (c.num_parameters() - V * h + 4 * h) * 2
+    kv_tok = 2 * L * 4 * 64 * 4
+    b = F.decode_bytes(c, "float32", batch=2, context=100)
+    assert b["kv_read"] == 2 * 100 * kv_tok and b["kv_write"] == 2 * kv_tok
+    assert b["total"] == b["weights"] + b["kv_read"] + b["kv_write"]
+    # prefill: 2 FLOPs per multiply-add per token, causal attention, the head for the last position only
+    S = 128
+    attn = 4 * L * 16 * 64 * S * (S + 1) // 2
+    assert F.prefill_flops(c, 1, S) == 2 * S * F.linear_params(c) + attn + 2 * V * h
+    assert F.prefill_flops(c, 3, S) == 3 * F.prefill_flops(c, 1, S)
+
+
+def test_floor_for_takes_the_binding_limit():
+    c = tiny_config()
+    slow_memory = F.floor_for(c, "float32", 1, 16, 8, bandwidth=1e3, matmul_rate=1e15)
+    assert slow_memory["tpot_bound"] == "memory" and slow_memory["ttft_bound"] == "memory"
+    assert slow_memory["tpot_floor_ms"] == pytest.approx(slow_memory["decode_bytes_per_step"] / 1e3 * 1e3)
+    slow_compute = F.floor_for(c, "float32", 1, 16, 8, bandwidth=1e15, matmul_rate=1e3)
+    assert slow_compute["ttft_bound"] == "compute"
+    assert slow_compute["ttft_floor_ms"] == pytest.approx(F.prefill_flops(c, 1, 16) / 1e3 * 1e3)
+    # the mean decode context: steps run at contexts 16 .. 16 + 8 - 2
+    assert slow_memory["decode_mean_context"] == pytest.approx(16 + 3)
+
+
+def test_machine_measurements_are_positive():
+    m = F.measure_machine("cpu", quick=True)
+    assert m["bandwidth"]["bytes_per_s"] > 1e8 and m["matmul"]["flops_per_s"] > 1e8
+    assert m["matmul"]["dtype"] == "float32" and m["bandwidth"]["threads"] >= 1
+
+
+# --- harness pieces ----------------------------------------------------------------------------------
+def test_prompts_are_seeded_equal_length_and_avoid_specials():
+    a = H.make_prompts(3, 50, 8, seed=1, avoid={0, 1, 2})
+    assert a == H.make_prompts(3, 50, 8, seed=1, avoid={0, 1, 2})
+    assert [len(r) for r in a] == [50, 50, 50]
+    assert not {0, 1, 2} & {t for r in a for t in r}
+    assert H.make_prompts(3, 50, 8, seed=2, avoid={0}) != H.make_prompts(3, 50, 8, seed=1, avoid={0})
+
+
+def test_parse_cells():
+    assert H.parse_cells("128x1, 512x4,64") == [H.Cell(128, 1), H.Cell(512, 4), H.Cell(64, 1)]
+
+
+def test_summary_is_the_median_over_rounds():
+    runs = [{"ttft_ms": t, "step_ms": [s] * 9 + [10 * s]} for t, s in ((10, 1.0), (30, 3.0), (20, 2.0))]
+    s = H.summarize(runs, batch=2, new_tokens=11)
+    assert s["ttft_ms"] == 20
+    assert s["tpot_ms"]["p50"] == 2.0 and s["tpot_ms"]["p99"] > s["tpot_ms"]["p90"] >= 2.0
+    # tokens/s of the median round: 2 rows x 11 tokens over 20 ms + 9 x 2 ms + 20 ms
+    assert s["tokens_per_s"] == pytest.approx(22 / 0.058)
+    assert len(s["rounds"]) == 3
+
+
+# --- end to end on a tiny checkpoint -----------------------------------------------------------------
+RESULT_FIELDS = ("engine", "version", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_rss_bytes", "peak_rss_generate_bytes",
+                 "floor", "ratio_to_floor", "ratio_to_pytorch", "raw", "prompt_len", "batch", "dtype")
+
+
+def _check_doc(doc: dict, kinds: set[str], cells: set[tuple[int, int]], reps: int) -> None:
+    for key in ("machine", "versions", "git", "command", "protocol", "floor", "model", "weights", "engines"):
+        assert doc[key], key
+    assert "random" in doc["weights"] and doc["machine"]["cpus"] >= 1 and doc["git"]["commit"]
+    assert {r["kind"] for r in doc["results"]} == kinds
+    assert {(r["prompt_len"], r["batch"]) for r in doc["results"]} == cells
+    for r in doc["results"]:
+        for f in RESULT_FIELDS:
+            assert f in r, f
+        assert set(r["tpot_ms"]) >= {"p50", "p90", "p99"}
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_bytes"] >= r["peak_rss_generate_bytes"] > 0
+        assert len(r["raw"]["runs"]) == reps and len(r["raw"]["runs"][0]["step_ms"]) == doc["protocol"]["new_tokens"] - 1
+        assert r["floor"]["tpot_floor_ms"] > 0 and r["floor"]["ttft_floor_ms"] > 0
+        assert r["tokens_equal_pytorch"] == 1.0  # same fp32 weights, greedy: the same tokens
+    ref = [r for r in doc["results"] if r["kind"] == "torch-eager"]
+    assert all(r["ratio_to_pytorch"]["ttft"] == 1.0 for r in ref)
+
+
+def test_bench_end_to_end(tiny_checkpoint, work, tmp_path):
+    from benchmarks.cli import bench
+    doc = bench(model=str(tiny_checkpoint), engines="ort,torch-eager,optimum", cells="8x1,8x2", new_tokens=4,
+                reps=2, warmup=1, work_dir=str(work), output_dir=str(tmp_path / "out"), name="t",
+                quick_floor=True, log=lambda *_: None)
+    _check_doc(doc, {"ort", "torch-eager", "optimum"}, {(8, 1), (8, 2)}, reps=2)
+    on_disk = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert on_disk["results"][0]["floor"]["bandwidth_bytes_per_s"] == on_disk["floor"]["bandwidth_bytes_per_s"]
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert "seeded random" in md and "| Engine |" in md and md.count("\n| ") >= 1 + 6
+    assert {p for p in on_disk["plots"]} == {"t-tpot-vs-context.png", "t-ttft-vs-prompt.png", "t-throughput-vs-batch.png"}
+    assert all((tmp_path / "out" / p).stat().st_size > 1000 for p in on_disk["plots"])
+
+
+def test_engine_that_cannot_start_is_recorded(tiny_checkpoint, tmp_path):
+    cfg = tiny_config()
+    specs = [H.EngineSpec("torch-eager", str(tiny_checkpoint)), H.EngineSpec("ort", str(tmp_path / "missing"))]
+    results, errors = H.run_matrix(specs, [H.Cell(4, 1), H.Cell(4, 2)], config=cfg, new_tokens=3, reps=1, warmup=0,
+                                   seed=0, log_dir=tmp_path / "logs", scope="run", log=lambda *_: None)
+    assert [r["kind"] for r in results] == ["torch-eager", "torch-eager"]
+    assert [e["kind"] for e in errors] == ["ort", "ort"]  # recorded for every cell it missed
+    assert "load failed" in errors[0]["error"] and "missing" in errors[0]["error"]
+
+
+def test_gpu_command_cpu_side(tiny_checkpoint, work, tmp_path):
+    """The GPU script's flow without a GPU: build, one process per engine for the run, compiled engine
+    (static cache; the eager backend keeps it fast), table, JSON under --out."""
+    from benchmarks import gpu
+    out = tmp_path / "out"
+    rc = gpu.main(["--device", "cpu", "--model", str(tiny_checkpoint), "--dtype", "float32", "--ort-dtypes", "float32",
+                   "--engines", "ort,torch-eager,torch-compile", "--compile-backend", "eager", "--cells", "8x1,8x2",
+                   "--new-tokens", "4", "--reps", "2", "--out", str(out), "--work-dir", str(work),
+                   "--quick-floor"])
+    assert rc == 0
+    doc = json.loads(next(out.glob("gpu-*.json")).read_text())
+    _check_doc(doc, {"ort", "torch-eager", "torch-compile"}, {(8, 1), (8, 2)}, reps=2)
+    assert doc["protocol"]["scope"] == "run" and doc["preflight"]["onnxruntime"]
+    assert (out / "gpu-bench.log").is_file() and list((out / "logs").rglob("*.log"))
+
+
+@pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason="no onnxruntime-genai venv (bash benchmarks/peers/setup_genai.sh)")
+def test_genai_peer_from_its_venv(tiny_checkpoint, work, tmp_path):
+    from benchmarks.cli import bench
+    doc = bench(model=str(tiny_checkpoint), engines="torch-eager,genai", cells="8x2", new_tokens=4, reps=1,
+                warmup=0, work_dir=str(work), output_dir=str(tmp_path / "out"), name="g",
+                genai_python=str(GENAI_PYTHON), quick_floor=True, log=lambda *_: None)
+    _check_doc(doc, {"torch-eager", "genai"}, {(8, 2)}, reps=1)
+    assert doc["versions"]["genai_venv"]["onnxruntime-genai"]
+
+
+def test_cli_registers_bench():
+    from llama3_deploy.cli import build_parser
+    args = build_parser().parse_args(["bench", "--cells", "8x1", "--engines", "ort"])
+    assert args.cells == "8x1" and callable(args.run)
