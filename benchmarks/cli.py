@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -161,6 +162,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     ort_list = [d.strip() for d in (ort_dtypes or dtype).split(",") if d.strip()]
     work = Path(work_dir).resolve()
     machine = machine_info(device)
+    git = git_info()  # the tree as the run starts
     builds, skipped = prepare(model, work, kinds=kinds, dtype=dtype, ort_dtypes=ort_list, device=device, seed=seed,
                               genai_python=genai_python, log=log)
     if prepare_only:
@@ -173,8 +175,18 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     log("measuring the floor (bandwidth, matmul rate) ...")
     floor_start = F.measure_machine(device, dtype=floor_dtype, quick=quick_floor)
     cell_list = H.parse_cells(cells)
+    pname = model[len("random:"):] if model.startswith("random:") else Path(model).name
+    stem = name or f"{device.split(':')[0]}-{pname}-{SHORT[dtype]}"
+    partial = Path(output_dir) / f"{stem}.partial.json"
+
+    def save_partial(results: list[dict], errors: list[dict]) -> None:
+        """Results so far (no end-of-run floor yet), in case a time limit ends the run early."""
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"note": "partial: the run did not finish", "floor_start": floor_start,
+                                       "machine": machine, "results": results, "errors": errors}, indent=1))
+
     results, errors = H.run_matrix(specs, cell_list, config=config, new_tokens=new_tokens, reps=reps, warmup=warmup,
-                                   seed=seed, log_dir=work / "logs", scope=scope, log=log)
+                                   seed=seed, log_dir=work / "logs", scope=scope, on_cell=save_partial, log=log)
     floor_end = F.measure_machine(device, dtype=floor_dtype, quick=quick_floor)
     bw = max(floor_start["bandwidth"]["bytes_per_s"], floor_end["bandwidth"]["bytes_per_s"])
     mm = max(floor_start["matmul"]["flops_per_s"], floor_end["matmul"]["flops_per_s"])
@@ -192,15 +204,16 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
                             "version": first["version"] if first else None, "dtype": s.dtype, "device": s.device,
                             "python": s.python, "artifact": b.get("path"), "build_command": b.get("command"),
                             "build_s": b.get("seconds"), "options": s.options,
-                            "artifact_note": _artifact_note(s.kind, b)})
+                            "artifact_note": _artifact_note(s.kind, b),
+                            **({"env_versions": A.venv_versions(s.python, ("onnxruntime-genai", "onnxruntime",
+                                                                             "transformers", "torch"))}
+                               if s.kind == "genai" else {})})
     versions = tool_versions()
     for pkg in ("optimum", "optimum-onnx", "matplotlib"):
         versions[pkg] = A.venv_versions(sys.executable, (pkg,)).get(pkg, "absent")
     if "genai" in kinds:
         versions["genai_venv"] = A.venv_versions(genai_python, ("onnxruntime-genai", "onnxruntime", "torch",
                                                                 "transformers", "onnx", "onnx-ir"))
-    pname = model[len("random:"):] if model.startswith("random:") else Path(model).name
-    stem = name or f"{device.split(':')[0]}-{pname}-{SHORT[dtype]}"
     doc = {
         "schema": "llama3-deploy/bench", "schema_version": 1,
         "title": f"{device.split(':')[0].upper()} latency: {pname} ({SHORT[dtype]}), this runtime vs PyTorch and peers",
@@ -208,7 +221,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
         "model": {"name": pname, "source": model, "checkpoint": builds["checkpoint"]["path"], "seed": seed,
                   "dtype": dtype, "parameters": config.num_parameters(), "config": config.to_hf_dict()},
         "command": _command_line(),
-        "started": started.isoformat(timespec="seconds"), "wall_s": None, "git": git_info(), "machine": machine,
+        "started": started.isoformat(timespec="seconds"), "wall_s": None, "git": git, "machine": machine,
         "versions": versions,
         "protocol": {"cells": [str(c) for c in cell_list], "new_tokens": new_tokens, "reps": reps, "warmup": warmup,
                      "seed": seed, "threads": threads or "engine default", "decoding": "greedy, EOS ignored / "
@@ -232,6 +245,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     }
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)
     paths = report.write_report(doc, output_dir, stem)
+    partial.unlink(missing_ok=True)
     report.print_table(doc)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return doc
@@ -254,9 +268,13 @@ def _command_line() -> str:
 
 
 def _artifact_note(kind: str, build: dict) -> str | None:
+    """The build command as a reader would type it (repository-relative paths, `python`)."""
     if not build or not build.get("command"):
         return "the checkpoint (transformers from_pretrained)" if kind.startswith("torch") else None
-    return f"`{build['command']}` ({build['seconds']} s)"
+    repo = str(Path(__file__).resolve().parent.parent) + os.sep
+    cmd = build["command"].replace(sys.executable + " ", "python ").replace(repo, "")
+    cmd = cmd.replace(os.path.dirname(sys.executable) + os.sep, "")
+    return f"`{cmd}` ({build['seconds']} s)"
 
 
 def main(argv: list[str] | None = None) -> int:

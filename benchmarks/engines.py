@@ -29,6 +29,13 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
+def _ort_version() -> str:
+    """The imported onnxruntime's own version and build (the package metadata may name another install)."""
+    import onnxruntime as ort
+    build = "CUDA build" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU build"
+    return f"onnxruntime {ort.__version__} ({build})"
+
+
 def _same_length(prompts: list[list[int]]) -> None:
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("this engine's timing loop takes prompts of one length (no padding)")
@@ -44,7 +51,7 @@ class OrtEngine:
         self.gen = Generator(export_dir, device=device, threads=threads)
         self.dtype = self.gen.session.dtype
         self.name = label or f"llama3-deploy ort ({self.dtype}, {self.gen.session.manifest.flavor})"
-        self.version = f"llama3-deploy {_version('llama3-deploy')}, onnxruntime {_version('onnxruntime')}"
+        self.version = f"llama3-deploy {_version('llama3-deploy')}, {_ort_version()}"
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
         from runtime.sampling import SamplingParams
@@ -62,8 +69,11 @@ class _Torch:
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.device, self.dtype = torch, device, dtype
+        import transformers
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
         self.model = LlamaForCausalLM.from_pretrained(
-            checkpoint_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation).to(device).eval()
+            checkpoint_dir, attn_implementation=attn_implementation, **{key: getattr(torch, dtype)}).to(device).eval()
         self.version = f"torch {torch.__version__}, transformers {_version('transformers')}"
 
     def _sync(self) -> None:
@@ -153,7 +163,11 @@ class TorchCompiledEngine(_Torch):
         from transformers import StaticCache
         if self._shape != (batch, capacity):
             self._cache = None
-            self._cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            try:
+                self._cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            except TypeError:  # transformers < 4.56
+                self._cache = StaticCache(config=self.model.config, max_batch_size=batch, max_cache_len=capacity,
+                                          device=self.device, dtype=self.model.dtype)
             self._shape = (batch, capacity)
         else:
             self._cache.reset()
@@ -210,7 +224,7 @@ class OptimumEngine:
                                                          use_cache=True)
         self.name = "optimum ORTModelForCausalLM"
         self.version = (f"optimum {_version('optimum')}, optimum-onnx {_version('optimum-onnx')}, "
-                        f"onnxruntime {_version('onnxruntime')}")
+                        f"{_ort_version()}")
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
         torch = self.torch

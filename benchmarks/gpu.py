@@ -12,9 +12,12 @@ and writes the full JSON (+ Markdown, PNGs, build and worker logs) under $OUT.
      cat .whl/part-*/ort-gpu.* > .whl/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl \
        && python3 -m pip install -q --no-index --no-deps --no-compile --target .whl/site .whl/onnxruntime_gpu-*.whl \
        && export PYTHONPATH=$PWD/.whl/site:${PYTHONPATH:-} && python3 -m benchmarks.gpu --out $OUT
-   (use the wheel name the script printed). Within one 10-minute call it builds the checkpoint and the
-   export (`--phase prepare`) and benchmarks (`--phase bench`); if the limit stops it, the same command
-   again reuses every finished artifact (kept in work-out/gpu while the machine stays warm).
+   (use the wheel name the script printed). `--phase all` (the default) builds the 8B checkpoint and
+   the export, then benchmarks; that may not fit one 10-minute call, so the safe plan is two calls on
+   the warm machine: `... python3 -m benchmarks.gpu --phase prepare --out $OUT` then
+   `... python3 -m benchmarks.gpu --phase bench --out $OUT`. Finished artifacts are reused (kept in
+   work-out/gpu while the machine stays warm) and results are saved after every cell
+   (`<name>.partial.json`), so a call cut short still brings back what it measured.
 
 CPU-side check (no GPU): python -m benchmarks.gpu --device cpu --model <checkpoint dir> --dtype float32 ...
 """

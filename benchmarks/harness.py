@@ -281,11 +281,13 @@ def add_pytorch_ratios(results: list[dict], reference_kind: str = "torch-eager")
 
 
 def run_matrix(specs: list[EngineSpec], cells: list[Cell], *, config, new_tokens: int, reps: int, warmup: int,
-               seed: int, log_dir: Path, scope: str = "cell", floor_for=None, log=print) -> tuple[list[dict], list[dict]]:
+               seed: int, log_dir: Path, scope: str = "cell", floor_for=None, on_cell=None,
+               log=print) -> tuple[list[dict], list[dict]]:
     """All cells in order; returns (results, errors). `floor_for(spec, cell)` gives each result's floor.
 
     scope "cell": fresh workers per cell (peak RSS belongs to the cell); "run": one worker per engine for
     all cells (loads and compiles once; memory figures are then the peak so far in the run).
+    `on_cell(results, errors)` is called after each cell (e.g. to save partial results).
     """
     if scope not in ("cell", "run"):
         raise ValueError("scope must be 'cell' or 'run'")
@@ -330,6 +332,8 @@ def run_matrix(specs: list[EngineSpec], cells: list[Cell], *, config, new_tokens
                     errors.append({"key": spec.key, "kind": spec.kind, "prompt_len": cell.prompt_len,
                                    "batch": cell.batch, "error": errs[spec.key]})
             log(f"cell {cell} done in {time.perf_counter() - t0:.0f} s")
+            if on_cell is not None:
+                on_cell(results, errors)
     finally:
         if scope == "run":
             for w in workers.values():

@@ -74,7 +74,9 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Engines (versions as run):", ""]
     for e in doc["engines"]:
-        lines.append(f"- **{e.get('engine', e['key'])}**: {e.get('version', '?')}"
+        env = e.get("env_versions")
+        lines.append(f"- **{e.get('engine', e['key'])}**: {e.get('version') or 'did not run (below)'}"
+                     + (f" (own virtual environment: {', '.join(f'{k} {v}' for k, v in env.items())})" if env else "")
                      + (f"; artifact: {e['artifact_note']}" if e.get("artifact_note") else ""))
     if doc.get("skipped") or doc.get("errors"):
         lines += ["", "Did not run:", ""]
@@ -85,6 +87,10 @@ def markdown(doc: dict) -> str:
             if (e["key"], e["error"]) not in seen:
                 seen.add((e["key"], e["error"]))
                 lines.append(f"- {e['key']} ({e['prompt_len']}x{e['batch']} and maybe others): {e['error']}")
+    same = [r["tokens_equal_pytorch"] for r in doc["results"] if r.get("tokens_equal_pytorch") is not None]
+    if same:
+        lines += ["", f"Same model check: share of each engine's greedy tokens (first row) equal to PyTorch's in the "
+                  f"same cell: min {min(same):.2f}, mean {sum(same) / len(same):.2f}."]
     lines += ["", "Peak RSS: the engine's own worker process, load included (kernel high-water mark, VmHWM); "
               "`peak_rss_generate_bytes` in the JSON is the peak during generation only.", ""]
     if doc.get("plots"):
@@ -108,9 +114,9 @@ def plots(doc: dict, out_dir: str | Path, stem: str) -> list[Path]:
                 and (prompt is None or r["prompt_len"] == prompt)]
         return sorted(rows, key=lambda r: (r["prompt_len"], r["batch"]))
 
-    def floor_line(ax, rows, x_of, y_of, label):
+    def floor_line(ax, rows, x_of, y_of, label, style="k--"):
         if rows and all(r.get("floor") for r in rows):
-            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], "k--", lw=1, label=label)
+            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], style, lw=1, label=label)
 
     specs = [
         ("tpot-vs-context", "Time per output token vs context (batch 1)", "prompt length (tokens)",
@@ -136,8 +142,10 @@ def plots(doc: dict, out_dir: str | Path, stem: str) -> list[Path]:
                 continue
             any_rows = True
             ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], "o-", label=eng)
-        ref = max((series(eng, **sel) for eng in engines), key=len, default=[])
-        floor_line(ax, ref, x_of, fy_of, flabel)
+        for n, dtype in enumerate(dict.fromkeys(r["dtype"] for r in results)):  # one floor per precision
+            ref = max((series(eng, **sel) for eng in engines if series(eng, **sel)
+                       and series(eng, **sel)[0]["dtype"] == dtype), key=len, default=[])
+            floor_line(ax, ref, x_of, fy_of, f"{flabel}, {dtype}", style=("k--", "k:", "k-.")[n % 3])
         if not any_rows:
             plt.close(fig)
             continue
@@ -164,7 +172,11 @@ def write_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
     """Write `<stem>.json`, `<stem>.md` and the PNGs into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = plots(doc, out_dir, stem)
+    try:
+        pngs = plots(doc, out_dir, stem)
+    except ImportError as e:  # a machine without matplotlib still gets the JSON and the table
+        pngs = []
+        doc["plots_skipped"] = f"no plots: {e}"
     doc["plots"] = [p.name for p in pngs]
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(doc, indent=1))
@@ -182,3 +194,54 @@ def print_table(doc: dict, file=None) -> None:
         print(f"{r['engine'][:44]:44} {r['prompt_len']:>6} {r['batch']:>5} {r['ttft_ms']:>9.1f} "
               f"{r['tpot_ms']['p50']:>9.2f} {_f(f.get('tpot_floor_ms'), 2):>7} {_ratio((r.get('ratio_to_floor') or {}).get('tpot_p50')):>7} "
               f"{_ratio(rp.get('tpot_p50')):>7} {r['tokens_per_s']:>8.1f}", file=file)
+
+
+def summary_markdown(doc: dict) -> str:
+    """A compact table for a README: per engine, batch-1 TTFT and TPOT across prompt lengths, the largest
+    batch's throughput, ratios to PyTorch eager in parentheses (time ratios, lower is better)."""
+    rows = result_rows(doc)
+    prompts = sorted({r["prompt_len"] for r in rows if r["batch"] == 1})
+    big = max((r["batch"] for r in rows), default=1)
+    big_prompt = min((r["prompt_len"] for r in rows if r["batch"] == big), default=None)
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    cell = {(r["engine"], r["prompt_len"], r["batch"]): r for r in rows}
+    head = (["Engine"] + [f"TTFT ms @{p}" for p in prompts] + [f"TPOT ms @{p}" for p in prompts]
+            + ([f"tok/s b{big} @{big_prompt}"] if big > 1 else []) + ["TPOT x floor @" + str(prompts[0])])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in engines:
+        vals = [e]
+        for p in prompts:
+            r = cell.get((e, p, 1))
+            vals.append(f"{r['ttft_ms']:,.0f} ({_ratio((r.get('ratio_to_pytorch') or {}).get('ttft'))})" if r else "-")
+        for p in prompts:
+            r = cell.get((e, p, 1))
+            vals.append(f"{r['tpot_ms']['p50']:.1f} ({_ratio((r.get('ratio_to_pytorch') or {}).get('tpot_p50'))})"
+                        if r else "-")
+        if big > 1:
+            r = cell.get((e, big_prompt, big))
+            vals.append(f"{r['tokens_per_s']:,.1f}" if r else "-")
+        r = cell.get((e, prompts[0], 1))
+        vals.append(_ratio((r.get("ratio_to_floor") or {}).get("tpot_p50")) if r else "-")
+        out.append("| " + " | ".join(vals) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render a result JSON: `python -m benchmarks.report RESULT.json [--summary]`."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p.add_argument("result", help="a benchmark JSON")
+    p.add_argument("--summary", action="store_true", help="print the compact README table only")
+    args = p.parse_args(argv)
+    path = Path(args.result)
+    doc = json.loads(path.read_text())
+    if args.summary:
+        print(summary_markdown(doc))
+        return 0
+    for p_ in write_report(doc, path.parent, path.stem).values():
+        print(p_)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
