@@ -146,7 +146,9 @@ class TorchCompiledEngine(_Torch):
         torch = self.torch
         self.mode = mode if mode is not None else ("reduce-overhead" if device.startswith("cuda") else "default")
         self.backend, self.max_cache_len = backend, max_cache_len
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        cfg = torch._dynamo.config  # one compile per cache shape; allow many (renamed recompile_limit in 2.6)
+        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, limit, max(getattr(cfg, limit), 64))
         model = self.model
 
         def decode(tok, cache_position, past_key_values):
