@@ -46,6 +46,8 @@ class Device:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DeployError("device cuda requested but this onnxruntime has no CUDAExecutionProvider "
                                   "(install onnxruntime-gpu)")
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN libraries installed from pip are found this way
+                ort.preload_dlls()
             return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
@@ -119,6 +121,9 @@ class DecoderSession:
         self.manifest: Manifest = load_manifest(self.model_dir)
         self.config, self.dtype, self.io = self.manifest.config, self.manifest.dtype, self.manifest.io
         self.device = Device.parse(device)
+        if self.dtype == "bfloat16" and self.device.kind == "cpu":
+            raise DeployError(f"{self.model_dir} is a bfloat16 export; ONNX Runtime runs bfloat16 graphs only on "
+                              "its CUDA execution provider (use --device cuda, or export with --dtype fp16/fp32)")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

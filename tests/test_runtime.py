@@ -183,3 +183,10 @@ def test_bad_exports(tiny_export, tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(DeployError, match="manifest not found"):
         Generator(d)
+
+
+def test_bf16_export_on_cpu_is_refused_clearly(tiny_checkpoint, tmp_path):
+    from export.pipeline import export_model
+    out = export_model(str(tiny_checkpoint), tmp_path / "bf16", dtype="bf16", progress=False).output
+    with pytest.raises(DeployError, match="bfloat16 graphs only on its CUDA execution provider"):
+        Generator(out)
