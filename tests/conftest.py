@@ -97,3 +97,11 @@ def tok_export(tok_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok-export") / "onnx"
     export_model(str(tok_checkpoint), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The project's demo tokenizer, built once: (directory, build_demo_tokenizer's summary)."""
+    from export.demo_tokenizer import build_demo_tokenizer
+    out = tmp_path_factory.mktemp("demo") / "tokenizer"
+    return out, build_demo_tokenizer(out)

@@ -49,16 +49,6 @@ def chat(request):
     return ChatFormat(tok)
 
 
-@pytest.fixture(scope="module")
-def demo(pytestconfig, tmp_path_factory):
-    from export.demo_tokenizer import build_demo_tokenizer
-
-    def build():
-        out = tmp_path_factory.mktemp("demo") / "tokenizer"
-        return out, build_demo_tokenizer(out)
-    return _shared(pytestconfig, "demo", build)
-
-
 def _meta_reference(tok: Tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     """Meta's llama3 ChatFormat.encode_dialog_prompt, written out."""
     sp = tok.special_tokens

@@ -47,16 +47,6 @@ def tok(request):
     return request.getfixturevalue("tok_json" if request.param == "tokenizer.json" else "tok_model")
 
 
-@pytest.fixture(scope="module")
-def demo(pytestconfig, tmp_path_factory):
-    from export.demo_tokenizer import build_demo_tokenizer
-
-    def build():
-        out = tmp_path_factory.mktemp("demo") / "tokenizer"
-        return out, build_demo_tokenizer(out)
-    return _shared(pytestconfig, "demo", build)
-
-
 # ---- official vectors, both paths ------------------------------------------------------------
 
 
