@@ -209,11 +209,12 @@ class Generator:
         generated: list[list[int]] = [[] for _ in rows]
         texts = [""] * B
         finish: list[str | None] = [None] * B
+        cut = [False] * B  # the row's text was cut at a stop string
         t_first = None
         step_ms: list[float] = []
         next_pos = np.asarray(lens, np.int64)[:, None]
+        tokens = np.zeros((B, 1), np.int64)  # every row is rewritten each step
         for step in range(params.max_new_tokens):
-            tokens = np.zeros((B, 1), np.int64)
             for r in range(B):
                 tok = sampler(logits[r], r) if finish[r] is None else 0
                 tokens[r, 0] = tok
@@ -229,7 +230,7 @@ class Generator:
                         texts[r] += out
                         yield (r, out)
                     if stopped:
-                        finish[r] = "stop"
+                        finish[r], cut[r] = "stop", True
                 if finish[r] is None and len(generated[r]) == params.max_new_tokens:
                     finish[r] = "length"
             if t_first is None:
@@ -242,15 +243,16 @@ class Generator:
                 break
             logits = self._step(buf, tokens, next_pos + step, longest + step + 1)
         t_end = time.perf_counter()
-        for r in range(B):
-            if finish[r] == "length" or finish[r] is None:
-                tail = (decoders[r].flush() if decoders[r] else "")
-                out, stopped = stops[r].push(tail)
-                out += "" if stopped else stops[r].flush()
-                finish[r] = "stop" if stopped else (finish[r] or "length")
-                if out:
-                    texts[r] += out
-                    yield (r, out)
+        for r in range(B):  # flush what each row held back, unless a stop string already cut it
+            if cut[r]:
+                continue
+            out, cut[r] = stops[r].push(decoders[r].flush() if decoders[r] else "")
+            out += "" if cut[r] else stops[r].flush()
+            if cut[r]:
+                finish[r] = "stop"
+            if out:
+                texts[r] += out
+                yield (r, out)
         n = max(len(g) for g in generated)
         yield [GenerationResult(prompt_ids=list(rows[r]), generated_ids=generated[r], text=texts[r],
                                 finish_reason=finish[r], ttft_ms=(t_first - t0) * 1e3,

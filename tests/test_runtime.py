@@ -190,3 +190,15 @@ def test_bf16_export_on_cpu_is_refused_clearly(tiny_checkpoint, tmp_path):
     out = export_model(str(tiny_checkpoint), tmp_path / "bf16", dtype="bf16", progress=False).output
     with pytest.raises(DeployError, match="bfloat16 graphs only on its CUDA execution provider"):
         Generator(out)
+
+
+def test_eos_stop_keeps_held_back_text(tok_export):
+    """A row ending on an EOS id still emits the text it held back while watching for stop strings."""
+    gen = Generator(tok_export)
+    free = gen.generate("def main():", max_new_tokens=24, ignore_eos=True)
+    cut = next(k for k in range(8, 24) if free.generated_ids[k] not in free.generated_ids[:k])
+    gen.eos_ids = frozenset({free.generated_ids[cut]})
+    r = gen.generate("def main():", max_new_tokens=24, stop=("never-appears-here",))
+    assert r.finish_reason == "stop" and r.generated_ids == free.generated_ids[:cut]
+    assert r.text == gen.tokenizer.decode(free.generated_ids[:cut], skip_special_tokens=True)
+    assert "".join(gen.stream("def main():", max_new_tokens=24, stop=("never-appears-here",))) == r.text
