@@ -84,6 +84,31 @@ class _Torch:
         _same_length(prompts)
         return self.torch.tensor(prompts, dtype=self.torch.int64, device=self.device)
 
+    def _timed_greedy(self, prompts: list[list[int]], new_tokens: int, prefill, step) -> Timing:
+        """Time `prefill(ids) -> (tok, state)` then `step(tok, state) -> (tok, state)` per new token.
+
+        Each token is copied to the host (`tolist`) inside its timed span, which synchronises the device.
+        """
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+
+        def record(tok) -> None:
+            for r, t in enumerate(tok.tolist()):
+                out_tokens[r].append(t[0])
+
+        with self.torch.inference_mode():
+            self._sync()
+            t0 = time.perf_counter()
+            tok, state = prefill(self._ids(prompts))
+            record(tok)
+            ttft = (time.perf_counter() - t0) * 1e3
+            for _ in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                tok, state = step(tok, state)
+                record(tok)
+                steps.append((time.perf_counter() - t1) * 1e3)
+        return Timing(ttft, steps, out_tokens)
+
 
 class TorchEagerEngine(_Torch):
     """transformers' LlamaForCausalLM, eager PyTorch, with its own KV cache (DynamicCache).
@@ -100,32 +125,17 @@ class TorchEagerEngine(_Torch):
         self.name = f"pytorch eager ({dtype}, {attn_implementation})"
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
-        torch = self.torch
-        out_tokens: list[list[int]] = [[] for _ in prompts]
-        steps = []
-        with torch.inference_mode():
-            self._sync()
-            t0 = time.perf_counter()
-            ids = self._ids(prompts)
+        def prefill(ids):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            first = tok.tolist()  # on the host: synchronised
-            ttft = (time.perf_counter() - t0) * 1e3
-            pos = ids.shape[1]
-            for r, t in enumerate(first):
-                out_tokens[r].append(t[0])
-            for _ in range(new_tokens - 1):
-                t1 = time.perf_counter()
-                position = torch.full_like(tok, pos)
-                out = self.model(input_ids=tok, position_ids=position, past_key_values=out.past_key_values,
-                                 use_cache=True)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                host = tok.tolist()
-                steps.append((time.perf_counter() - t1) * 1e3)
-                pos += 1
-                for r, t in enumerate(host):
-                    out_tokens[r].append(t[0])
-        return Timing(ttft, steps, out_tokens)
+            return out.logits[:, -1].argmax(-1, keepdim=True), (out.past_key_values, ids.shape[1])
+
+        def step(tok, state):
+            cache, pos = state
+            out = self.model(input_ids=tok, position_ids=self.torch.full_like(tok, pos), past_key_values=cache,
+                             use_cache=True)
+            return out.logits[:, -1].argmax(-1, keepdim=True), (out.past_key_values, pos + 1)
+
+        return self._timed_greedy(prompts, new_tokens, prefill, step)
 
 
 class TorchCompiledEngine(_Torch):
@@ -177,31 +187,20 @@ class TorchCompiledEngine(_Torch):
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
         torch = self.torch
-        out_tokens: list[list[int]] = [[] for _ in prompts]
-        steps = []
-        with torch.inference_mode():
-            self._sync()
-            t0 = time.perf_counter()
-            ids = self._ids(prompts)
+
+        def prefill(ids):
             S = ids.shape[1]
             cache = self._static_cache(len(prompts), max(S + new_tokens, self.max_cache_len))
             logits = self.model(ids, cache_position=torch.arange(S, device=self.device), past_key_values=cache,
                                 return_dict=False, use_cache=True, logits_to_keep=1)[0]
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            first = tok.tolist()
-            ttft = (time.perf_counter() - t0) * 1e3
-            for r, t in enumerate(first):
-                out_tokens[r].append(t[0])
-            cache_position = torch.tensor([S], device=self.device)
-            for _ in range(new_tokens - 1):
-                t1 = time.perf_counter()
-                tok = self.decode(tok.clone(), cache_position, cache)
-                host = tok.tolist()
-                steps.append((time.perf_counter() - t1) * 1e3)
-                cache_position += 1
-                for r, t in enumerate(host):
-                    out_tokens[r].append(t[0])
-        return Timing(ttft, steps, out_tokens)
+            return logits[:, -1].argmax(-1, keepdim=True), (cache, torch.tensor([S], device=self.device))
+
+        def step(tok, state):
+            cache, cache_position = state
+            tok = self.decode(tok.clone(), cache_position, cache)
+            return tok, (cache, cache_position + 1)
+
+        return self._timed_greedy(prompts, new_tokens, prefill, step)
 
 
 class OptimumEngine:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -15,7 +16,7 @@ from llama3_deploy.fsutil import atomic_directory, check_output_dir
 from llama3_deploy.manifest import MANIFEST_FILE, tool_versions
 
 from . import defaults, onnx_export, validate
-from .weights import SafetensorsCheckpoint, WeightSource, name_table, open_source, source_numel
+from .weights import SafetensorsCheckpoint, WeightSource, name_table, open_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 REDUCED_MAX_LAYERS = 2
@@ -53,7 +54,7 @@ class ExportResult:
 
 def weight_bytes(config: LlamaConfig, dtype: str, *, layers: int | None = None) -> int:
     cfg = config if layers is None else config.with_layers(layers)
-    return sum(source_numel(e) for e in name_table(cfg)) * dtype_bytes(dtype)
+    return sum(math.prod(e.source_shape) for e in name_table(cfg)) * dtype_bytes(dtype)
 
 
 def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, out_dir: Path, *, progress: bool,
@@ -80,13 +81,15 @@ def _copy_side_files(source: WeightSource, tmp: Path, tokenizer_dir: Path | None
         shutil.copyfile(src_dir / "generation_config.json", tmp / "generation_config.json")
     else:
         (tmp / "generation_config.json").write_text(json.dumps(config.generation_dict(), indent=2))
-    copied = []
     tok_src = tokenizer_dir or src_dir
-    if tok_src is not None:
-        for name in TOKENIZER_FILES:
-            if (tok_src / name).is_file():
-                shutil.copyfile(tok_src / name, tmp / name)
-                copied.append(name)
+    return copy_tokenizer_files(tok_src, tmp) if tok_src is not None else []
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files `src` has into `dst`; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
     return copied
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -273,7 +274,7 @@ def write_checkpoint(source: WeightSource, out_dir: str | os.PathLike, *, shard_
         shards: list[list[WeightEntry]] = [[]]
         size = 0
         for e in table:
-            n = source_numel(e) * TORCH_DTYPES.get(config.source_dtype, torch.bfloat16).itemsize
+            n = math.prod(e.source_shape) * TORCH_DTYPES.get(config.source_dtype, torch.bfloat16).itemsize
             if shards[-1] and size + n > shard_bytes:
                 shards.append([])
                 size = 0
@@ -298,13 +299,6 @@ def write_checkpoint(source: WeightSource, out_dir: str | os.PathLike, *, shard_
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(config.generation_dict(), indent=2))
     return Path(out_dir)
-
-
-def source_numel(e: WeightEntry) -> int:
-    n = 1
-    for s in e.source_shape:
-        n *= s
-    return n
 
 
 def load_decoder(source: WeightSource, *, dtype: str = "float32", config: LlamaConfig | None = None):

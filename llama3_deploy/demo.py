@@ -37,7 +37,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def run_demo(args) -> int:
 
     from export.demo_tokenizer import build_demo_tokenizer
-    from export.pipeline import export_model
+    from export.pipeline import copy_tokenizer_files, export_model
     from export.weights import RandomWeights, write_checkpoint
 
     work = Path(args.workdir)
@@ -53,8 +53,7 @@ def run_demo(args) -> int:
         f"{config.num_hidden_layers} layers, GQA {config.gqa_ratio}:1, random weights (seed {args.seed})")
     ckpt = write_checkpoint(RandomWeights(config, seed=args.seed, dtype="float32"), work / "checkpoint",
                             overwrite=True)
-    for f in (work / "tokenizer").iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
+    copy_tokenizer_files(work / "tokenizer", ckpt)
 
     say("3/5 exporting to ONNX and validating against PyTorch")
     result = export_model(str(ckpt), work / "onnx", overwrite=True, progress=False)

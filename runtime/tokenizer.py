@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import tokenizers
 from tokenizers import decoders as _decoders
 
+from llama3_deploy.config import read_json
 from llama3_deploy.errors import DeployError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -143,16 +144,6 @@ def tiktoken_to_tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[int
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeployError(f"corrupt or unreadable {path.name} at {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise DeployError(f"corrupt {path.name} at {path}: expected a JSON object")
-    return data
-
-
 def _token_content(value: Any) -> str | None:
     """tokenizer_config.json spells tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):
@@ -210,8 +201,8 @@ class Tokenizer:
         if not model_dir.is_dir():
             raise DeployError(f"tokenizer directory not found: {model_dir}")
         cfg_path, gen_path = model_dir / TOKENIZER_CONFIG, model_dir / GENERATION_CONFIG
-        config = _read_json(cfg_path) if cfg_path.is_file() else {}
-        gen = _read_json(gen_path) if gen_path.is_file() else {}
+        config = read_json(cfg_path, what=cfg_path.name) if cfg_path.is_file() else {}
+        gen = read_json(gen_path, what=gen_path.name) if gen_path.is_file() else {}
         json_path = model_dir / TOKENIZER_JSON
         # HF copies of Meta's repos keep the tiktoken file under original/.
         model_paths = [model_dir / TIKTOKEN_MODEL, model_dir / "original" / TIKTOKEN_MODEL]

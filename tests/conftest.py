@@ -68,35 +68,34 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config(), seed=1)
 
 
+def _export(checkpoint: Path, tmp_path_factory) -> Path:
+    """A checkpoint exported to fp32 ONNX, validated."""
+    from export.pipeline import export_model
+    return export_model(str(checkpoint), tmp_path_factory.mktemp("export") / "onnx", progress=False).output
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint exported to fp32 ONNX, validated."""
-    from export.pipeline import export_model
-    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
-    export_model(str(tiny_checkpoint), out, progress=False)
-    return out
+    return _export(tiny_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tok_checkpoint(tmp_path_factory) -> Path:
     """A tiny model carrying the project's own demo tokenizer (Llama 3 special-token layout, chat template)."""
     from export.demo_tokenizer import build_demo_tokenizer
+    from export.pipeline import copy_tokenizer_files
     root = tmp_path_factory.mktemp("tok")
     tok = build_demo_tokenizer(root / "tokenizer", vocab_size=1000)
     config = tiny_config(vocab_size=tok["vocab_size"], bos_token_id=tok["bos_token_id"],
                          eos_token_ids=tuple(tok["eos_token_ids"]))
     ckpt = write_random_checkpoint(root / "ckpt", config, seed=11)
-    for f in (root / "tokenizer").iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
+    copy_tokenizer_files(root / "tokenizer", ckpt)
     return ckpt
 
 
 @pytest.fixture(scope="session")
 def tok_export(tok_checkpoint, tmp_path_factory) -> Path:
-    from export.pipeline import export_model
-    out = tmp_path_factory.mktemp("tok-export") / "onnx"
-    export_model(str(tok_checkpoint), out, progress=False)
-    return out
+    return _export(tok_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
