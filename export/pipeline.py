@@ -15,7 +15,8 @@ from llama3_deploy.errors import DeployError
 from llama3_deploy.fsutil import atomic_directory, check_output_dir
 from llama3_deploy.manifest import MANIFEST_FILE, tool_versions
 
-from . import defaults, onnx_export, validate
+from . import defaults, genai, onnx_export, optimized, validate
+from .quantize import QuantSpec
 from .weights import SafetensorsCheckpoint, WeightSource, name_table, open_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -32,7 +33,9 @@ class ExportResult:
         m = self.manifest
         v = m.get("validation", {})
         lines = [f"exported {m['source']['description']} -> {self.output}",
-                 f"  dtype {m['dtype']}, opset {m['opset']}, {m['config']['num_hidden_layers']} layers, "
+                 f"  {m['flavor']} graph (logits: {m['logits']}"
+                 + (f", weights {QuantSpec.from_json(m['quantization']).label}" if m.get("quantization") else "")
+                 + f"), dtype {m['dtype']}, opset {m['opset']}, {m['config']['num_hidden_layers']} layers, "
                  f"{m['parameters'] / 1e6:,.1f} M parameters",
                  f"  files: model.onnx {human_bytes(m['files']['model.onnx'])}, "
                  f"{onnx_export.DATA_FILE} {human_bytes(m['files'][onnx_export.DATA_FILE])}",
@@ -57,17 +60,52 @@ def weight_bytes(config: LlamaConfig, dtype: str, *, layers: int | None = None) 
     return sum(math.prod(e.source_shape) for e in name_table(cfg)) * dtype_bytes(dtype)
 
 
-def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, out_dir: Path, *, progress: bool,
-                 desc: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class GraphOptions:
+    """Which graph to build: the flavor, the logits it computes, and weight-only quantization (optimized only)."""
+
+    flavor: str = defaults.FLAVOR
+    logits: str = "all"
+    quantization: QuantSpec | None = None
+
+    def check(self, config: LlamaConfig, dtype: str) -> None:
+        if self.flavor not in contract.FLAVORS:
+            raise DeployError(f"unknown --flavor {self.flavor!r}; choose one of {', '.join(contract.FLAVORS)}")
+        if self.logits not in contract.LOGITS_MODES:
+            raise DeployError(f"unknown --logits {self.logits!r}; choose one of {', '.join(contract.LOGITS_MODES)}")
+        if self.flavor == "portable" and (self.logits != "all" or self.quantization is not None):
+            raise DeployError("the portable flavor computes logits for every position and has no weight-only "
+                              "quantization (that is ONNX Runtime's MatMulNBits); use --flavor optimized")
+        if self.flavor == "optimized" and dtype == "bfloat16":
+            raise DeployError("the optimized flavor supports fp32 and fp16 (ONNX Runtime's CPU kernels for "
+                              "GroupQueryAttention have no bfloat16)")
+        if self.quantization is not None:
+            self.quantization.check(config)
+
+    def to_json(self) -> dict:
+        return {"flavor": self.flavor, "logits": self.logits,
+                "quantization": self.quantization.to_json() if self.quantization else None}
+
+
+def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, out_dir: Path, *,
+                 progress: bool, desc: str) -> dict:
+    """Build or trace the graph, then stream its weights to disk. Returns timings and the weights' layout."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    model = onnx_export.trace(config, dtype)
-    t1 = time.perf_counter()
-    total = onnx_export.attach_weights(model, source, config, dtype)
+    if graph.flavor == "portable":
+        model = onnx_export.trace(config, dtype)
+        t1 = time.perf_counter()
+        total = onnx_export.attach_weights(model, source, config, dtype)
+        expected = validate.portable_initializers(config, dtype)
+    else:
+        model = optimized.build(source, config, dtype, logits=graph.logits, quant=graph.quantization)
+        t1 = time.perf_counter()
+        total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+        expected = optimized.expected_initializers(model)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
         onnx_export.save(model, out_dir, progress=bar.update)
-    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}
+    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1, "expected": expected}
 
 
 def _copy_side_files(source: WeightSource, tmp: Path, tokenizer_dir: Path | None) -> list[str]:
@@ -109,15 +147,24 @@ def reduced_config(config: LlamaConfig) -> LlamaConfig:
                                vocab_size=min(config.vocab_size, REDUCED_VOCAB))
 
 
-def _validate(source: WeightSource, config: LlamaConfig, dtype: str, tmp: Path, *, max_bytes: int,
-              progress: bool) -> dict:
-    structure = validate.check_structure(tmp / onnx_export.MODEL_FILE, config, dtype)
+def _check_numerics(path: Path, source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions,
+                    providers: list[str]) -> dict:
+    if graph.flavor == "portable":
+        return validate.check_numerics(path, source, config, dtype, providers=providers)
+    return validate.check_numerics_optimized(path, source, config, dtype, logits=graph.logits,
+                                             quant=graph.quantization, providers=providers)
+
+
+def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, tmp: Path,
+              expected: dict, *, max_bytes: int, progress: bool) -> dict:
+    io = contract.decoder_io(config, dtype, flavor=graph.flavor, logits=graph.logits)
+    structure = validate.check_structure(tmp / onnx_export.MODEL_FILE, io, expected)
     providers = validate.numeric_providers(dtype)
     if providers is None:
         return {"structure": structure, "numeric": "skipped: ONNX Runtime runs bfloat16 graphs only on its "
                 "CUDA execution provider, which this machine lacks"}
     if _ort_working_bytes(config, dtype, providers) <= max_bytes:
-        numeric = validate.check_numerics(tmp / onnx_export.MODEL_FILE, source, config, dtype, providers=providers)
+        numeric = _check_numerics(tmp / onnx_export.MODEL_FILE, source, config, dtype, graph, providers)
         return {"structure": structure, "numeric": {**numeric, "reduced": False}}
     # Too large to run whole beside everything else: export a reduced graph of the same checkpoint
     # and validate that numerically; the full graph was checked structurally above.
@@ -125,19 +172,23 @@ def _validate(source: WeightSource, config: LlamaConfig, dtype: str, tmp: Path, 
     sub = tmp / ".validate-reduced"
     sub.mkdir()
     try:
-        _write_graph(source, reduced, dtype, sub, progress=progress,
+        _write_graph(source, reduced, dtype, graph, sub, progress=progress,
                      desc=f"reduced export ({reduced.num_hidden_layers} layers, {reduced.vocab_size} vocab rows)")
-        numeric = validate.check_numerics(sub / onnx_export.MODEL_FILE, source, reduced, dtype, providers=providers)
+        numeric = _check_numerics(sub / onnx_export.MODEL_FILE, source, reduced, dtype, graph, providers)
     finally:
         shutil.rmtree(sub, ignore_errors=True)
     return {"structure": structure,
             "numeric": {**numeric, "reduced": True, "vocab_rows_validated": reduced.vocab_size}}
 
 
-def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE, validate_export: bool = True,
+def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE, flavor: str = defaults.FLAVOR,
+                 logits: str | None = None, quantization: QuantSpec | None = None, validate_export: bool = True,
                  overwrite: bool = False, seed: int = defaults.SEED, tokenizer: str | Path | None = None,
                  validate_max_bytes: int = defaults.VALIDATE_MAX_BYTES, progress: bool = True) -> ExportResult:
     """Export a checkpoint directory (or `random:PRESET`) to a validated ONNX decoder directory.
+
+    flavor "portable" (standard ONNX ops) or "optimized" (ONNX Runtime contrib ops, in-place KV cache);
+    logits "all" or "last" (optimized only; its default); quantization: weight-only INT8/INT4 (optimized only).
 
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
@@ -146,29 +197,36 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
         dtype = contract.normalize_dtype(dtype)
     except ValueError as e:
         raise DeployError(str(e)) from None
+    graph = GraphOptions(flavor, logits or ("last" if flavor == "optimized" else "all"), quantization)
     check_output_dir(output, overwrite=overwrite)
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise DeployError(f"tokenizer directory not found: {tokenizer_dir}")
     source = open_source(str(model), seed=seed)
     config = source.config
+    graph.check(config, dtype)
     t0 = time.perf_counter()
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        timings = _write_graph(source, config, dtype, tmp, progress=progress, desc="writing weights")
+        timings = _write_graph(source, config, dtype, graph, tmp, progress=progress, desc="writing weights")
+        expected = timings.pop("expected")
         tokenizer_files = _copy_side_files(source, tmp, tokenizer_dir)
+        if graph.flavor == "optimized":
+            genai.write_genai_config(tmp, config)
         t1 = time.perf_counter()
-        validation = (_validate(source, config, dtype, tmp, max_bytes=validate_max_bytes, progress=progress)
+        validation = (_validate(source, config, dtype, graph, tmp, expected, max_bytes=validate_max_bytes,
+                                progress=progress)
                       if validate_export else {"skipped": "--no-validate"})
         timings["validate_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
-            "format": "llama3-deploy/onnx-decoder", "format_version": 1, "flavor": "portable",
+            "format": "llama3-deploy/onnx-decoder", "format_version": 1, **graph.to_json(),
             "source": {"model": str(model), "description": source.description,
                        "kind": "checkpoint" if isinstance(source, SafetensorsCheckpoint) else "random",
                        "seed": None if isinstance(source, SafetensorsCheckpoint) else seed},
             "dtype": dtype, "opset": onnx_export.OPSET, "parameters": config.num_parameters(),
-            "config": dataclasses.asdict(config), "io": contract.decoder_io(config, dtype).to_json(),
+            "config": dataclasses.asdict(config),
+            "io": contract.decoder_io(config, dtype, flavor=graph.flavor, logits=graph.logits).to_json(),
             "files": files, "tokenizer_files": tokenizer_files, "tools": tool_versions(),
             "validation": validation, "timings": timings,
         }

@@ -33,11 +33,24 @@ TOLERANCES = {
     "float16": Tolerance(atol=2e-2, rtol=2e-2),
     "bfloat16": Tolerance(atol=1e-1, rtol=5e-2),
 }
+# Quantized graphs are checked against a reference holding the same dequantized weights, so only the kernels
+# differ; MatMulNBits accuracy_level 4 also quantizes activations to int8 per block, hence the wider bound.
+INT8_COMPUTE_TOLERANCE = Tolerance(atol=5e-2, rtol=5e-2)
 HEAD_CHUNK_ROWS = 8192  # output-head rows resident at once in the streamed reference
 
 
-def check_structure(model_path: Path, config: LlamaConfig, dtype: str) -> dict:
-    """onnx.checker with external data, then graph inputs/outputs against the contract; no weights loaded."""
+def portable_initializers(config: LlamaConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, ONNX data type) of the checkpoint weights in a portable graph."""
+    import onnx
+
+    want = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+            "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
+    return {e.target: (e.target_shape, want) for e in name_table(config)}
+
+
+def check_structure(model_path: Path, io: contract.DecoderIO, weights: dict[str, tuple[tuple[int, ...], int]]) -> dict:
+    """onnx.checker with external data, the graph's I/O against the contract, and each expected weight's
+    shape and type; no weight values loaded."""
     import onnx
 
     try:
@@ -45,7 +58,6 @@ def check_structure(model_path: Path, config: LlamaConfig, dtype: str) -> dict:
     except Exception as e:
         raise ValidationError(f"onnx.checker rejected {model_path}: {e}") from None
     proto = onnx.load(str(model_path), load_external_data=False)
-    io = contract.decoder_io(config, dtype)
     problems = []
     for values, specs in ((proto.graph.input, io.inputs), (proto.graph.output, io.outputs)):
         got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
@@ -58,13 +70,11 @@ def check_structure(model_path: Path, config: LlamaConfig, dtype: str) -> dict:
     if problems:
         raise ValidationError(f"graph I/O differs from the contract: {' | '.join(problems)}")
     inits = {i.name: i for i in proto.graph.initializer}
-    want_type = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-                 "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
-    for e in name_table(config):
-        init = inits.get(e.target)
-        if init is None or tuple(init.dims) != e.target_shape or init.data_type != want_type:
+    for name, (shape, data_type) in weights.items():
+        init = inits.get(name)
+        if init is None or tuple(init.dims) != tuple(shape) or init.data_type != data_type:
             got = None if init is None else (tuple(init.dims), init.data_type)
-            raise ValidationError(f"weight {e.target}: graph has {got}, expected {e.target_shape} {dtype}")
+            raise ValidationError(f"weight {name}: graph has {got}, expected {tuple(shape)} type {data_type}")
     locations = {kv.value for i in inits.values() for kv in i.external_data if kv.key == "location"}
     if any(Path(loc).name != loc for loc in locations):  # external data must stay inside the model directory
         raise ValidationError(f"external data outside the model directory: {sorted(locations)}")
@@ -166,21 +176,29 @@ def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, 
         ref_logits, ref_present = streamed_reference(source, config, s_ids, s_mask, s_pos, ref_past)
         results = [_compare(contract.LOGITS, outputs[0], ref_logits, tol)]
         results += [_compare(n, o, r, tol) for n, o, r in zip(io.present_names, outputs[1:], ref_present)]
-        worst = max(results, key=lambda r: r.get("max_abs_diff", float("inf")) / max(r.get("limit", 1.0), 1e-30))
-        steps.append({"step": "prefill" if step == 0 else "decode", "tokens": int(s_ids.shape[1]),
-                      "logits_max_abs_diff": results[0].get("max_abs_diff"),
-                      "worst_tensor": worst["tensor"], "worst_max_abs_diff": worst.get("max_abs_diff"),
-                      "worst_limit": worst.get("limit"), "ok": all(r["ok"] for r in results),
-                      "failures": [r for r in results if not r["ok"]][:5]})
+        steps.append(_step_figures("prefill" if step == 0 else "decode", int(s_ids.shape[1]), results))
         ref_past = ref_present
     figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
                "providers": providers or ["CPUExecutionProvider"], "steps": steps}
+    _raise_on_failure(steps, dtype, tol)
+    return figures
+
+
+def _step_figures(step: str, tokens: int, results: list[dict]) -> dict:
+    """One step's summary: logits diff (the first result), the worst tensor relative to its limit, failures."""
+    worst = max(results, key=lambda r: r.get("max_abs_diff", float("inf")) / max(r.get("limit", 1.0), 1e-30))
+    return {"step": step, "tokens": tokens, "logits_max_abs_diff": results[0].get("max_abs_diff"),
+            "worst_tensor": worst["tensor"], "worst_max_abs_diff": worst.get("max_abs_diff"),
+            "worst_limit": worst.get("limit"), "ok": all(r["ok"] for r in results),
+            "failures": [r for r in results if not r["ok"]][:5]}
+
+
+def _raise_on_failure(steps: list[dict], dtype: str, tol: Tolerance) -> None:
     if not all(s["ok"] for s in steps):
         bad = [f"{s['step']}: {f['tensor']} max|diff|={f.get('max_abs_diff', f.get('error'))} "
                f"limit={f.get('limit')}" for s in steps for f in s["failures"]]
         raise ValidationError("exported graph drifts from PyTorch beyond the "
                               f"{dtype} tolerance (atol {tol.atol}, rtol {tol.rtol}): " + "; ".join(bad[:6]))
-    return figures
 
 
 def numeric_providers(dtype: str) -> list[str] | None:
@@ -191,3 +209,119 @@ def numeric_providers(dtype: str) -> list[str] | None:
     if dtype != "bfloat16":
         return ["CPUExecutionProvider"]
     return ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else None
+
+
+class DequantizedSource:
+    """A weight source whose projections read back as dequantize(quantize(w)): the reference for a quantized graph.
+
+    MatMulNBits blocks run along each output column's input axis, so quantizing a checkpoint row (one output
+    column) alone gives the same values as quantizing the fused projection it ends up in.
+    """
+
+    def __init__(self, source: WeightSource, spec):
+        self.source, self.spec, self.config = source, spec, source.config
+        self.description = f"{source.description}, dequantized {spec.label}"
+        quantized = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down"}
+        self.linear = {e.source for e in name_table(source.config) if e.target.split(".", 2)[-1] in quantized}
+        if spec.lm_head:
+            self.linear.add("lm_head.weight")
+        self.embedding = {"model.embed_tokens.weight"} if spec.embedding else set()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from .quantize import dequantize_embedding, dequantize_matrix, quantize_embedding, quantize_matrix
+
+        rows = self.source.get_rows(name, start, stop)
+        if name in self.linear:  # rows are output columns: [n, K] -> quantize as [K, n]
+            w = rows.float().t().contiguous().numpy()
+            q = quantize_matrix(w, self.spec)
+            return torch.from_numpy(dequantize_matrix(q, w.shape[0], w.shape[1], self.spec)).t().contiguous()
+        if name in self.embedding:
+            t = rows.float().numpy()
+            q = quantize_embedding(t, self.spec)
+            return torch.from_numpy(dequantize_embedding(q, t.shape[0], t.shape[1], self.spec))
+        return rows
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = next(e.source_shape for e in name_table(self.config) if e.source == name)
+        return self.get_rows(name, 0, shape[0]) if len(shape) == 2 else self.source.get(name)
+
+
+def _bind(binding, name: str, array: np.ndarray, *, output: bool = False) -> None:
+    """Bind a C-contiguous host array (or a contiguous row slice of one) by pointer."""
+    assert array.flags.c_contiguous
+    fn = binding.bind_output if output else binding.bind_input
+    fn(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+def check_numerics_optimized(model_path: Path, source: WeightSource, config: LlamaConfig, dtype: str, *,
+                             logits: str, quant=None, providers: list[str] | None = None) -> dict:
+    """Drive the optimized graph the way the runtime does, against the streamed fp32 reference.
+
+    One shared [B, K, M, D] buffer per past/present pair, bound as both input and output; each row is
+    prefilled alone (a one-row view of the buffers), then one decode step runs for the whole batch.
+    Compares logits and the cached keys/values (which hold rotated keys, like the reference's present).
+    """
+    import onnxruntime as ort
+
+    tol = TOLERANCES[dtype]
+    if quant is not None:
+        tol = INT8_COMPUTE_TOLERANCE if quant.accuracy_level == 4 else tol
+    ref_source = source if quant is None else DequantizedSource(source, quant)
+    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits)
+    np_dtype = np.float32 if dtype == "float32" else np.float16
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+
+    ids, mask, pos = validation_inputs(config)
+    B, S = ids.shape
+    pads = [int(p) for p in (S - mask.sum(1))]
+    lens = [S - p for p in pads]
+    K, D, V, M = config.num_key_value_heads, config.head_dim, config.vocab_size, S + 3
+    kv = [np.zeros((B, K, M, D), np_dtype) for _ in io.past_names]
+    lengths_mask = np.zeros((B, M), np.int64)
+    binding = session.io_binding()
+
+    def run(rows: slice, step_ids: np.ndarray) -> np.ndarray:
+        n, s = step_ids.shape
+        out = np.zeros((n, s if logits == "all" else 1, V), np.float32)
+        _bind(binding, contract.INPUT_IDS, np.ascontiguousarray(step_ids))
+        _bind(binding, contract.ATTENTION_MASK, lengths_mask[rows])
+        for buf, p_name, o_name in zip(kv, io.past_names, io.present_names):
+            _bind(binding, p_name, buf[rows])
+            _bind(binding, o_name, buf[rows], output=True)  # the same memory: written in place
+        _bind(binding, contract.LOGITS, out, output=True)
+        session.run_with_iobinding(binding)
+        return out
+
+    prefill_logits = []
+    for r in range(B):
+        lengths_mask[r, :lens[r]] = 1
+        prefill_logits.append(run(slice(r, r + 1), ids[r:r + 1, pads[r]:].numpy()))
+    next_ids = np.full((B, 1), 7 % V, np.int64)
+    for r in range(B):
+        lengths_mask[r, lens[r]] = 1
+    decode_logits = run(slice(0, B), next_ids)
+    del session, binding
+
+    ref_prefill, ref_past = streamed_reference(ref_source, config, ids, mask, pos,
+                                               [torch.zeros(B, K, 0, D) for _ in io.past_names])
+    ref_decode, ref_present = streamed_reference(
+        ref_source, config, torch.from_numpy(next_ids), torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1),
+        pos[:, -1:] + 1, ref_past)
+    del ref_past
+    prefill = []
+    for r in range(B):
+        ref = ref_prefill[r:r + 1, pads[r]:] if logits == "all" else ref_prefill[r:r + 1, -1:]
+        prefill.append(_compare(f"{contract.LOGITS}[row {r}]", prefill_logits[r], ref, tol))
+    decode = [_compare(contract.LOGITS, decode_logits, ref_decode, tol)]
+    for buf, name, ref in zip(kv, io.present_names, ref_present):
+        for r in range(B):
+            decode.append(_compare(f"{name}[row {r}]", buf[r, :, :lens[r] + 1], ref[r, :, pads[r]:], tol))
+    steps = [_step_figures("prefill", S, prefill), _step_figures("decode", 1, decode)]
+    figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
+               "reference": ref_source.description, "providers": providers or ["CPUExecutionProvider"],
+               "steps": steps}
+    _raise_on_failure(steps, dtype, tol)
+    return figures

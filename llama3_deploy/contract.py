@@ -21,6 +21,21 @@ BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "total_sequence_length"
+MAX_SEQUENCE = "max_sequence_length"  # optimized flavor: the fixed KV buffer length, chosen by the runtime
+
+# Graph flavors. "portable": standard ONNX ops only (TensorRT and other runtimes), past in, a new present out.
+# "optimized": ONNX Runtime contrib ops; past and present are one fixed buffer [B, K, max_len, D] written in
+# place, and the mask only carries each row's length (a row's ones count), not its positions.
+FLAVORS = ("portable", "optimized")
+# Which positions the graph computes logits for: every new position, or only the last (prefill then does
+# one head matmul instead of S). The portable graph always computes all.
+LOGITS_MODES = ("all", "last")
+
+# Name templates in onnxruntime-genai's "%d" form; the per-layer names below are made from them.
+PAST_KEY_TEMPLATE = "past_key_values.%d.key"
+PAST_VALUE_TEMPLATE = "past_key_values.%d.value"
+PRESENT_KEY_TEMPLATE = "present.%d.key"
+PRESENT_VALUE_TEMPLATE = "present.%d.value"
 
 Dim = Union[int, str]
 
@@ -38,19 +53,19 @@ LOGITS_DTYPE = "float32"  # logits leave the graph in fp32 whatever the weights'
 
 
 def past_key(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
+    return PAST_KEY_TEMPLATE % layer
 
 
 def past_value(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
+    return PAST_VALUE_TEMPLATE % layer
 
 
 def present_key(layer: int) -> str:
-    return f"present.{layer}.key"
+    return PRESENT_KEY_TEMPLATE % layer
 
 
 def present_value(layer: int) -> str:
-    return f"present.{layer}.value"
+    return PRESENT_VALUE_TEMPLATE % layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +84,18 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderIO:
-    """Inputs and outputs, in graph order: ids, mask, positions, then (key, value) per layer."""
+    """Inputs and outputs, in graph order: ids, mask, [positions,] then (key, value) per layer."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
     @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
     def past_names(self) -> list[str]:
-        return [s.name for s in self.inputs[3:]]
+        return [s.name for s in self.inputs[len(self.inputs) - len(self.present_names):]]
 
     @property
     def present_names(self) -> list[str]:
@@ -91,16 +110,34 @@ class DecoderIO:
                    tuple(TensorSpec.from_json(x) for x in d["outputs"]))
 
 
-def decoder_io(config: LlamaConfig, dtype: str) -> DecoderIO:
-    """The contract of the portable decoder graph for a config and a weight dtype."""
+def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", logits: str = "all") -> DecoderIO:
+    """The contract of the decoder graph for a config, a weight dtype, a flavor and a logits mode.
+
+    portable:  ids [B, S], mask [B, P+S] (0 = padding), positions [B, S], past [B, K, P, D] -> present [B, K, P+S, D]
+    optimized: ids [B, S], mask [B, T] (T <= M; row b's count of ones is its length after this step, so
+               its new tokens sit at positions length_b - S ... length_b - 1), past = present [B, K, M, D]
+               (one buffer the graph writes in place; M is the runtime's capacity); no positions input.
+               Our runtime binds T = M, so every decode step has the same shapes (CUDA graphs);
+               onnxruntime-genai binds a growing T.
+    logits:    [B, S, V] ("all") or [B, 1, V] ("last", optimized only), always fp32.
+    """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
-    kv_in = (BATCH, config.num_key_value_heads, PAST_SEQUENCE, config.head_dim)
-    kv_out = (BATCH, config.num_key_value_heads, TOTAL_SEQUENCE, config.head_dim)
-    inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
-              TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
-              TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE))]
-    outputs = [TensorSpec(LOGITS, LOGITS_DTYPE, (BATCH, SEQUENCE, config.vocab_size))]
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown graph flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+    if logits not in LOGITS_MODES or (flavor == "portable" and logits != "all"):
+        raise ValueError(f"logits mode {logits!r} is not available for the {flavor} flavor")
+    inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE))]
+    logits_len: Dim = SEQUENCE if logits == "all" else 1
+    outputs = [TensorSpec(LOGITS, LOGITS_DTYPE, (BATCH, logits_len, config.vocab_size))]
+    if flavor == "portable":
+        kv_in = (BATCH, config.num_key_value_heads, PAST_SEQUENCE, config.head_dim)
+        kv_out = (BATCH, config.num_key_value_heads, TOTAL_SEQUENCE, config.head_dim)
+        inputs += [TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
+                   TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE))]
+    else:
+        kv_in = kv_out = (BATCH, config.num_key_value_heads, MAX_SEQUENCE, config.head_dim)
+        inputs += [TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE))]
     for i in range(config.num_hidden_layers):
         inputs += [TensorSpec(past_key(i), dtype, kv_in), TensorSpec(past_value(i), dtype, kv_in)]
         outputs += [TensorSpec(present_key(i), dtype, kv_out), TensorSpec(present_value(i), dtype, kv_out)]

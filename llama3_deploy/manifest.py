@@ -12,7 +12,7 @@ from .errors import DeployError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "llama3-deploy/onnx-decoder"
-SUPPORTED_FLAVORS = ("portable",)
+SUPPORTED_FLAVORS = contract.FLAVORS
 TOOL_PACKAGES = ("llama3-deploy", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
                  "safetensors", "tokenizers", "numpy")
 
@@ -34,6 +34,8 @@ class Manifest:
     config: LlamaConfig
     dtype: str
     flavor: str
+    logits: str                # "all" or "last": which positions the graph returns logits for
+    quantization: dict | None  # the weight-only quantization spec (export.quantize.QuantSpec.to_json), if any
     io: contract.DecoderIO
 
 
@@ -54,8 +56,11 @@ def load_manifest(model_dir: str | Path) -> Manifest:
         config = LlamaConfig(**cfg)
         io = contract.DecoderIO.from_json(raw["io"])
         dtype = raw["dtype"]
+        logits = raw.get("logits", "all")
+        quantization = raw.get("quantization")
+        expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits)
     except (KeyError, TypeError, ValueError) as e:
         raise DeployError(f"{path} is malformed: {e}") from None
-    if io != contract.decoder_io(config, dtype):
-        raise DeployError(f"{path}: its I/O contract does not match its config and dtype")
-    return Manifest(path, raw, config, dtype, flavor, io)
+    if io != expected:
+        raise DeployError(f"{path}: its I/O contract does not match its config, dtype, flavor and logits mode")
+    return Manifest(path, raw, config, dtype, flavor, logits, quantization, io)

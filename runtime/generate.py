@@ -12,6 +12,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
+from llama3_deploy import contract
 from llama3_deploy.errors import DeployError
 
 from .chat import ChatFormat
@@ -75,9 +76,12 @@ class _Buffers:
     def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
         c = session.config
         self.batch, self.capacity, self.chunk = batch, capacity, chunk
+        self.shared = session.manifest.flavor == "optimized"  # in-place KV; rows prefilled one at a time
+        self.logits_len = chunk if session.manifest.logits == "all" else 1  # logits positions per prefill run
         self.kv = session.kv_cache(batch, capacity)
         host = Device("cpu")
-        self.logits = DeviceBuffer(host, "float32", batch * chunk * c.vocab_size)  # ORT copies into it on CUDA
+        logits_rows = max(batch, self.logits_len) if self.shared else batch * chunk
+        self.logits = DeviceBuffer(host, "float32", logits_rows * c.vocab_size)  # ORT copies into it on CUDA
         self.ids = DeviceBuffer(host, "int64", batch * chunk)
         self.pos = DeviceBuffer(host, "int64", batch * chunk)
         self.mask = DeviceBuffer(host, "int64", batch * capacity)       # full-length mask, per generation
@@ -187,21 +191,7 @@ class Generator:
         t0 = time.perf_counter()
         B, cap = len(rows), longest + params.max_new_tokens
         buf = self._prepare(B, cap)
-        pads = [longest - n for n in lens]
-        mask = buf.mask.view((B, buf.capacity))
-        mask.fill(1)
-        for r, p in enumerate(pads):
-            mask[r, :p] = 0
-        prompt = np.zeros((B, longest), np.int64)
-        for r, ids in enumerate(rows):
-            prompt[r, pads[r]:] = ids
-        positions = np.maximum(np.arange(longest)[None, :] - np.asarray(pads)[:, None], 0)
-
-        # prefill, in chunks
-        logits = None
-        for lo in range(0, longest, buf.chunk):
-            hi = min(longest, lo + buf.chunk)
-            logits = self._step(buf, prompt[:, lo:hi], positions[:, lo:hi], hi)
+        logits = self._prefill_shared(buf, rows) if buf.shared else self._prefill_padded(buf, rows)
         sampler = Sampler(params, B, c.vocab_size, prompts=rows)
         decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) if self.tokenizer else None
                     for _ in rows]
@@ -241,7 +231,8 @@ class Generator:
                 t_last = now
             if all(f is not None for f in finish):
                 break
-            logits = self._step(buf, tokens, next_pos + step, longest + step + 1)
+            logits = (self._step_shared(buf, tokens) if buf.shared
+                      else self._step(buf, tokens, next_pos + step, longest + step + 1))
         t_end = time.perf_counter()
         for r in range(B):  # flush what each row held back, unless a stop string already cut it
             if cut[r]:
@@ -259,11 +250,53 @@ class Generator:
                                 tpot_ms=(t_end - t_first) * 1e3 / max(n - 1, 1), step_ms=step_ms)
                for r in range(B)]
 
+    def _prefill_padded(self, buf: _Buffers, rows: list[list[int]]) -> np.ndarray:
+        """Portable graph: the batch left-padded to its longest prompt, in chunks. Returns last logits [B, V]."""
+        B, lens = len(rows), [len(r) for r in rows]
+        longest = max(lens)
+        pads = [longest - n for n in lens]
+        mask = buf.mask.view((B, buf.capacity))
+        mask.fill(1)
+        for r, p in enumerate(pads):
+            mask[r, :p] = 0
+        prompt = np.zeros((B, longest), np.int64)
+        for r, ids in enumerate(rows):
+            prompt[r, pads[r]:] = ids
+        positions = np.maximum(np.arange(longest)[None, :] - np.asarray(pads)[:, None], 0)
+        logits = None
+        for lo in range(0, longest, buf.chunk):
+            hi = min(longest, lo + buf.chunk)
+            logits = self._step(buf, prompt[:, lo:hi], positions[:, lo:hi], hi)
+        return logits
+
+    def _prefill_shared(self, buf: _Buffers, rows: list[list[int]]) -> np.ndarray:
+        """Optimized graph: each row prefilled alone into its slot (no padding), in chunks. Last logits [B, V]."""
+        out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        for r, ids in enumerate(rows):
+            prompt = np.asarray(ids, np.int64)[None]
+            for lo in range(0, prompt.shape[1], buf.chunk):
+                logits = self._step_shared(buf, prompt[:, lo:lo + buf.chunk], row=r)
+            out[r] = logits[0]
+        return out
+
+    def _step_shared(self, buf: _Buffers, ids: np.ndarray, row: int | None = None) -> np.ndarray:
+        """Optimized graph: `ids` [n, S] for one row (prefill) or all rows (decode, S = 1). Returns [n, V]."""
+        n, S = ids.shape
+        V = self.config.vocab_size
+        L = S if buf.logits_len > 1 else 1
+        buf.ids.view((n, S))[...] = ids
+        buf.ids.bind_input(buf.binding, contract.INPUT_IDS, (n, S))
+        buf.kv.bind(buf.binding, S, row)
+        buf.logits.bind_output(buf.binding, contract.LOGITS, (n, L, V))
+        self.session.run(buf.binding)
+        buf.kv.advance(S, row)
+        return buf.logits.view((n, L, V))[:, -1]
+
     def _step(self, buf: _Buffers, ids: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
         """Run the graph on `ids` [B, S] at `pos` with `total` = past + S; returns logits[:, -1] [B, V] (host)."""
         B, S = ids.shape
         V = self.config.vocab_size
-        binding, io = buf.binding, self.session.io
+        binding = buf.binding
         buf.ids.view((B, S))[...] = ids
         buf.pos.view((B, S))[...] = pos
         # The graph takes a contiguous [B, total] mask. One row has no padding: a prefix of the all-ones
@@ -271,11 +304,11 @@ class Generator:
         # in-place flavor replaces the mask with per-row lengths.
         if B > 1:
             buf.mask_step.view((B, total))[...] = buf.mask.view((B, buf.capacity))[:, :total]
-        buf.ids.bind_input(binding, io.inputs[0].name, (B, S))
-        buf.mask_step.bind_input(binding, io.inputs[1].name, (B, total))
-        buf.pos.bind_input(binding, io.inputs[2].name, (B, S))
+        buf.ids.bind_input(binding, contract.INPUT_IDS, (B, S))
+        buf.mask_step.bind_input(binding, contract.ATTENTION_MASK, (B, total))
+        buf.pos.bind_input(binding, contract.POSITION_IDS, (B, S))
         buf.kv.bind(binding, S)
-        buf.logits.bind_output(binding, io.outputs[0].name, (B, S, V))
+        buf.logits.bind_output(binding, contract.LOGITS, (B, S, V))
         self.session.run(binding)
         buf.kv.advance(S)
         return buf.logits.view((B, S, V))[:, -1]

@@ -6,7 +6,10 @@ Buffers are allocated once per (batch, capacity) and reused across steps and gen
   step (ping-pong), so key/values never leave the device and nothing is allocated per step.
 - logits: bound into one preallocated buffer sized for a prefill chunk.
 - input ids / positions / mask: small host buffers, copied to the device by ONNX Runtime.
-The in-place flavor (one shared buffer per tensor) plugs in as another KVCache with the same interface.
+- optimized flavor: one fixed buffer per past/present pair [B, K, M, D], bound as both the input and the
+  output (GroupQueryAttention writes the new entries in place), plus a [B, M] lengths mask; a single row
+  is bound as a one-row view (pointer offset), which is how each prompt is prefilled alone and how
+  independent slots of a continuously batched server will share the decode step.
 """
 from __future__ import annotations
 
@@ -70,11 +73,24 @@ class DeviceBuffer:
         """Host view of the first prod(shape) elements (CPU buffers only)."""
         return self.host[: int(np.prod(shape))].reshape(shape)
 
-    def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
-        binding.bind_input(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape), self.ptr)
+    def _at(self, offset: int) -> int:
+        return self.ptr + offset * np.dtype(NP_DTYPES[self.dtype]).itemsize
 
-    def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
-        binding.bind_output(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape), self.ptr)
+    def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
+        """Bind elements [offset, offset + prod(shape)) as input `name`."""
+        binding.bind_input(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape),
+                           self._at(offset))
+
+    def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
+        binding.bind_output(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape),
+                            self._at(offset))
+
+    def upload(self, host: np.ndarray) -> None:
+        """Copy a whole host array of the same size into a device buffer (CUDA; CPU buffers are the host)."""
+        if self.host is not None:
+            self.host[...] = host.reshape(-1)
+        else:
+            self.value.update_inplace(np.ascontiguousarray(host).reshape(-1))
 
 
 class PingPongKV:
@@ -105,6 +121,54 @@ class PingPongKV:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
         self.parity ^= 1
+
+
+class SharedKV:
+    """KV cache for the optimized graph: one [B, K, M, D] buffer per past/present pair, written in place.
+
+    Each row (slot) has its own length; the [B, M] mask tells the graph those lengths (row b has
+    lengths[b] ones), so a decode step binds the same pointers and shapes every time. Prefill binds one
+    row's slice; decode binds all rows. Nothing here grows with the context after allocation.
+    """
+
+    def __init__(self, io: contract.DecoderIO, config, dtype: str, device: Device, batch: int, capacity: int):
+        self.io, self.batch, self.capacity, self.device = io, batch, capacity, device
+        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.row_numel = self.kv_heads * capacity * self.head_dim
+        self.buffers = [DeviceBuffer(device, dtype, batch * self.row_numel) for _ in io.past_names]
+        self.lengths = np.zeros(batch, np.int64)
+        self.mask_host = np.zeros((batch, capacity), np.int64)  # the host copy of the lengths mask
+        self.mask = DeviceBuffer(device, "int64", batch * capacity) if device.kind != "cpu" else None
+
+    def reset(self) -> None:
+        self.lengths[:] = 0
+        self.mask_host.fill(0)
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int, row: int | None = None) -> None:
+        """Bind all rows (row None: a decode step) or one row's slice, for `new_tokens` more tokens each."""
+        rows = slice(0, self.batch) if row is None else slice(row, row + 1)
+        lengths = self.lengths[rows]
+        if int(lengths.max()) + new_tokens > self.capacity:
+            raise DeployError(f"KV cache capacity {self.capacity} exceeded")
+        for r, n in zip(range(rows.start, rows.stop), lengths):
+            self.mask_host[r, n:n + new_tokens] = 1
+        n_rows = rows.stop - rows.start
+        if self.mask is None:  # CPU: ONNX Runtime reads the host array itself
+            binding.bind_input(contract.ATTENTION_MASK, "cpu", 0, np.int64, [n_rows, self.capacity],
+                               self.mask_host[rows].ctypes.data)
+        else:
+            self.mask.upload(self.mask_host)
+            self.mask.bind_input(binding, contract.ATTENTION_MASK, (n_rows, self.capacity), rows.start * self.capacity)
+        shape = (n_rows, self.kv_heads, self.capacity, self.head_dim)
+        for buf, p_name, o_name in zip(self.buffers, self.io.past_names, self.io.present_names):
+            buf.bind_input(binding, p_name, shape, rows.start * self.row_numel)
+            buf.bind_output(binding, o_name, shape, rows.start * self.row_numel)  # same memory: in place
+
+    def advance(self, new_tokens: int, row: int | None = None) -> None:
+        if row is None:
+            self.lengths += new_tokens
+        else:
+            self.lengths[row] += new_tokens
 
 
 class DecoderSession:
@@ -160,9 +224,8 @@ class DecoderSession:
 
     def kv_cache(self, batch: int, capacity: int):
         """A KV cache for this graph's flavor, allocated once for `batch` rows of `capacity` tokens."""
-        if self.manifest.flavor != "portable":
-            raise DeployError(f"no KV cache binding for flavor {self.manifest.flavor!r}")
-        return PingPongKV(self.io, self.config, self.dtype, self.device, batch, capacity)
+        kind = {"portable": PingPongKV, "optimized": SharedKV}[self.manifest.flavor]
+        return kind(self.io, self.config, self.dtype, self.device, batch, capacity)
 
     def run(self, binding: ort.IOBinding) -> None:
         self.session.run_with_iobinding(binding)

@@ -1,0 +1,250 @@
+"""The optimized flavor: the same decoder built directly from ONNX Runtime's fused contrib ops.
+
+Per layer (E hidden, q/kv query/key-value widths, I intermediate, M the KV buffer length):
+    h      = SkipSimplifiedLayerNormalization(prev_out, residual, attn_norm)  # add + RMSNorm, one kernel
+    qkv    = MatMul(h, Wqkv [E, q+2kv])                                      # one projection, not three
+    a, k, v = GroupQueryAttention(qkv, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache)
+             # rotary inside; past and present are the same [B, K, M, D] buffer, written in place
+    h      = SkipSimplifiedLayerNormalization(MatMul(a, Wo), residual, mlp_norm)
+    out    = MatMul(silu(g) * u, Wdown) where g, u = Split(MatMul(h, Wgate_up [E, 2I]))
+The mask only carries lengths: seqlens_k = rowsum(mask) - 1, total_len = mask width (onnxruntime-genai's
+convention). With logits "last", only the last position goes through the final norm and the head.
+Weights are written lazily from the same name table as the portable graph, fused and (optionally)
+weight-only quantized to MatMulNBits one tensor at a time, so the export's memory bound holds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from llama3_deploy import contract
+from llama3_deploy.config import LlamaConfig
+
+from .model import rope_cos_sin
+from .quantize import (QuantSpec, gather_block_quantized_attributes, matmul_nbits_attributes, quantize_embedding,
+                       quantize_matrix)
+from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
+
+OPSET = 18
+MS_DOMAIN = "com.microsoft"
+_IR = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,
+       "int64": ir.DataType.INT64, "uint8": ir.DataType.UINT8}
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy()
+
+
+class _Weights:
+    """Declares initializers whose values are computed from the source only when the writer asks."""
+
+    def __init__(self, source: WeightSource, config: LlamaConfig, dtype: str, quant: QuantSpec | None):
+        self.source, self.config, self.dtype, self.quant = source, config, dtype, quant
+        self.table = {e.target: e for e in name_table(config)}
+        self.values: list[ir.Value] = []
+        self._memo: tuple[str, object] | None = None  # the last quantized weight: its 2-3 tensors are written in a row
+
+    def fp32(self, *targets: str) -> torch.Tensor:
+        """Decoder parameters [in, out] in fp32, concatenated along the output axis (a fused projection)."""
+        parts = [target_tensor(self.source, self.table[t], torch.float32) for t in targets]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...], fn: Callable[[], np.ndarray]) -> ir.Value:
+        def make() -> ir.Tensor:
+            arr = fn()
+            if tuple(arr.shape) != shape:
+                raise RuntimeError(f"initializer {name}: computed {arr.shape}, declared {shape}")
+            return ir.Tensor(np.ascontiguousarray(arr), name=name)
+        v = ir.Value(name=name, type=ir.TensorType(_IR[dtype]), shape=ir.Shape(list(shape)),
+                     const_value=ir.LazyTensor(make, dtype=_IR[dtype], shape=ir.Shape(list(shape)), name=name))
+        self.values.append(v)
+        return v
+
+    def _cached(self, key: str, fn: Callable[[], object]):
+        if self._memo is None or self._memo[0] != key:
+            self._memo = None  # drop the previous weight before computing the next
+            self._memo = (key, fn())
+        return self._memo[1]
+
+    def vector(self, target: str) -> ir.Value:
+        e = self.table[target]
+        return self.add(target, self.dtype, e.target_shape,
+                        lambda: _np(target_tensor(self.source, e, torch.float32).to(_torch_dtype(self.dtype))))
+
+    def linear(self, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool):
+        """A [k, n] projection: (weight value, None) for MatMul, or (inputs, attributes) for MatMulNBits."""
+        if self.quant is None or not quantize:
+            w = self.add(name, self.dtype, (k, n),
+                         lambda: _np(self.fp32(*targets).to(_torch_dtype(self.dtype))))
+            return [w], None
+        q, scale_dtype = self.quant, _NP[self.dtype]
+        get = lambda: self._cached(name, lambda: quantize_matrix(_np(self.fp32(*targets)), q, scale_dtype=scale_dtype))
+        blocks = k // q.block_size
+        inputs = [self.add(f"{name}.q{q.bits}", "uint8", (n, blocks, q.block_size * q.bits // 8),
+                           lambda: get().packed),
+                  self.add(f"{name}.scales", self.dtype, (n * blocks,), lambda: get().scales.reshape(-1))]
+        if not q.symmetric:
+            zp_dtype, zp_len = _zero_point_layout(q, blocks)
+            inputs.append(self.add(f"{name}.zero_points", zp_dtype if zp_dtype != "float" else self.dtype,
+                                   (n * zp_len,), lambda: get().zero_points.reshape(-1)))
+        return inputs, matmul_nbits_attributes(k, n, q)
+
+
+def _zero_point_layout(q: QuantSpec, blocks: int) -> tuple[str, int]:
+    """MatMulNBits zero points per output column: uint8 packed 8/bits per byte, or one float per block (HQQ)."""
+    if q.method == "hqq":
+        return "float", blocks
+    per_byte = 8 // q.bits
+    return "uint8", (blocks + per_byte - 1) // per_byte
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """[max_positions, D/2] cos and sin tables, computed in fp32 exactly as the portable graph does."""
+    inv_freq = derived_tensors(config)["rope_inv_freq"]
+    pos = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
+    cos, sin = rope_cos_sin(inv_freq, pos)  # [1, 1, P, D], halves repeated
+    half = config.head_dim // 2
+    return (_np(cos[0, 0, :, :half].to(_torch_dtype(dtype))), _np(sin[0, 0, :, :half].to(_torch_dtype(dtype))))
+
+
+def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str = "last",
+          quant: QuantSpec | None = None) -> ir.Model:
+    """The optimized decoder graph for `config`, its weights bound lazily to `source`."""
+    if dtype not in _NP:
+        raise ValueError(f"the optimized flavor supports float32 and float16, not {dtype}")
+    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits)
+    c = config
+    E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
+    T = _IR[dtype]
+    w = _Weights(source, c, dtype, quant)
+    tape = ir.tape.Tape()
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        v = ir.Value(name=name, type=ir.TensorType(ir.DataType(ir.tensor(array).dtype)), shape=ir.Shape(array.shape),
+                     const_value=ir.tensor(array, name=name))
+        w.values.append(v)
+        return v
+
+    def value(spec: contract.TensorSpec) -> ir.Value:
+        return ir.Value(name=spec.name, type=ir.TensorType(_IR[spec.dtype]), shape=ir.Shape(list(spec.shape)))
+
+    inputs = [value(s) for s in io.inputs]
+    outputs = {s.name: s for s in io.outputs}
+    ids, mask = inputs[0], inputs[1]
+    past = dict(zip(io.past_names, inputs[2:]))
+
+    def matmul(x: ir.Value, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool = True):
+        ins, attrs = w.linear(name, targets, k, n, quantize=quantize)
+        if attrs is None:
+            return tape.op("MatMul", [x, ins[0]])
+        return tape.op("MatMulNBits", [x, *ins], attrs, domain=MS_DOMAIN)
+
+    def skip_norm(x: ir.Value, residual: ir.Value, gamma: ir.Value) -> tuple[ir.Value, ir.Value]:
+        out, _, _, total = tape.op_multi_out("SkipSimplifiedLayerNormalization", [x, residual, gamma],
+                                             {"epsilon": c.rms_norm_eps}, num_outputs=4, domain=MS_DOMAIN)
+        return out, total
+
+    # Lengths from the mask: seqlens_k [B] int32 = ones per row - 1; total_len () int32 = mask width.
+    one = const("const.one", np.array(1, np.int64))
+    axis1 = const("const.axis1", np.array([1], np.int64))
+    rows = tape.op("ReduceSum", [mask, axis1], {"keepdims": 0})
+    seqlens_k = tape.op("Cast", [tape.op("Sub", [rows, one])], {"to": ir.DataType.INT32})
+    total_len = tape.op("Cast", [tape.op("Gather", [tape.op("Shape", [mask]), one], {"axis": 0})],
+                        {"to": ir.DataType.INT32})
+    cos_np, sin_np = rotary_caches(c, dtype)
+    cos_cache, sin_cache = const("cos_cache", cos_np), const("sin_cache", sin_np)
+
+    # Embedding: x [B, S, E]
+    if quant is not None and quant.embedding:
+        e = w.table["embed"]
+        get = lambda: w._cached("embed", lambda: quantize_embedding(
+            _np(target_tensor(source, e, torch.float32)), quant, scale_dtype=_NP[dtype]))
+        probe = quantize_embedding(np.zeros((1, E), np.float32), quant, scale_dtype=_NP[dtype])  # shapes per row
+        parts = [w.add("embed.q", "uint8", (V, *probe.packed.shape[1:]), lambda: get().packed),
+                 w.add("embed.scales", dtype, (V, *probe.scales.shape[1:]), lambda: get().scales)]
+        if probe.zero_points is not None:
+            parts.append(w.add("embed.zero_points", "uint8", (V, *probe.zero_points.shape[1:]),
+                               lambda: get().zero_points))
+        x = tape.op("GatherBlockQuantized", [parts[0], ids, *parts[1:]], gather_block_quantized_attributes(quant),
+                    domain=MS_DOMAIN)
+    else:
+        x = tape.op("Gather", [w.vector("embed"), ids], {"axis": 0})
+
+    # Layer 0's norm has no residual to add: plain RMSNorm ops in fp32 (ONNX Runtime fuses them).
+    eps = const("const.eps", np.array(c.rms_norm_eps, np.float32))
+    x32 = tape.op("Cast", [x], {"to": ir.DataType.FLOAT}) if dtype != "float32" else x
+    var = tape.op("ReduceMean", [tape.op("Mul", [x32, x32]), const("const.axis_last", np.array([-1], np.int64))],
+                  {"keepdims": 1})
+    normed = tape.op("Div", [x32, tape.op("Sqrt", [tape.op("Add", [var, eps])])])
+    normed = tape.op("Cast", [normed], {"to": T}) if dtype != "float32" else normed
+    h = tape.op("Mul", [normed, w.vector("layers.0.attn_norm.weight")])
+    residual, prev = x, None
+
+    gqa_attrs = {"num_heads": c.num_attention_heads, "kv_num_heads": c.num_key_value_heads,
+                 "scale": 1.0 / math.sqrt(D), "do_rotary": 1, "rotary_interleaved": 0, "local_window_size": -1}
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        if prev is not None:
+            h, residual = skip_norm(prev, residual, w.vector(p + "attn_norm.weight"))
+        qkv = matmul(h, p + "attn.wqkv", (p + "attn.wq", p + "attn.wk", p + "attn.wv"), E, c.q_size + 2 * c.kv_size)
+        k_out = ir.Value(name=contract.present_key(i))
+        v_out = ir.Value(name=contract.present_value(i))
+        attn, _, _ = tape.op_multi_out(
+            "GroupQueryAttention", [qkv, None, None, past[contract.past_key(i)], past[contract.past_value(i)],
+                                    seqlens_k, total_len, cos_cache, sin_cache],
+            gqa_attrs, outputs=[ir.Value(name=f"{p}attn.out"), k_out, v_out], domain=MS_DOMAIN)
+        o = matmul(attn, p + "attn.wo", (p + "attn.wo",), c.q_size, E)
+        h, residual = skip_norm(o, residual, w.vector(p + "mlp_norm.weight"))
+        gu = matmul(h, p + "mlp.w_gate_up", (p + "mlp.w_gate", p + "mlp.w_up"), E, 2 * I)
+        gate, up = tape.op_multi_out("Split", [gu], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+        act = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
+        prev = matmul(act, p + "mlp.w_down", (p + "mlp.w_down",), I, E)
+
+    if logits == "last":  # only the last position reaches the final norm and the head
+        start, end = const("const.last", np.array([-1], np.int64)), const("const.end", np.array([2**62], np.int64))
+        prev = tape.op("Slice", [prev, start, end, axis1])
+        residual = tape.op("Slice", [residual, start, end, axis1])
+    h, _ = skip_norm(prev, residual, w.vector("norm.weight"))
+    head = ("lm_head",) if not c.tie_word_embeddings else ("embed",)
+    if c.tie_word_embeddings:  # the head reads the embedding table transposed; declare it as its own [E, V]
+        e = w.table["embed"]
+        w.table["lm_head.tied"] = e.__class__(e.source, "lm_head.tied", e.source_shape, True)
+        head = ("lm_head.tied",)
+    out = matmul(h, "lm_head", head, E, V, quantize=quant is not None and quant.lm_head)
+    logits_value = ir.Value(name=contract.LOGITS)
+    if dtype != "float32":
+        tape.op("Cast", [out], {"to": ir.DataType.FLOAT}, output=logits_value)
+    else:
+        tape.op("Identity", [out], output=logits_value)
+
+    graph_outputs = [logits_value]
+    for i in range(c.num_hidden_layers):
+        graph_outputs += [_find(tape, contract.present_key(i)), _find(tape, contract.present_value(i))]
+    for v in graph_outputs:
+        spec = outputs[v.name]
+        v.type, v.shape = ir.TensorType(_IR[spec.dtype]), ir.Shape(list(spec.shape))
+    graph = ir.Graph(inputs, graph_outputs, nodes=tape.nodes, initializers=w.values,
+                     opset_imports={"": OPSET, MS_DOMAIN: 1}, name="llama3_decoder_optimized")
+    return ir.Model(graph, ir_version=10, producer_name="llama3-deploy")
+
+
+def _find(tape: ir.tape.Tape, name: str) -> ir.Value:
+    for node in tape.nodes:
+        for v in node.outputs:
+            if v.name == name:
+                return v
+    raise RuntimeError(f"graph output {name} was not produced")
+
+
+def expected_initializers(model: ir.Model) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, ONNX data type) of every initializer, for the structural check after saving."""
+    return {name: (tuple(v.shape), int(v.dtype)) for name, v in model.graph.initializers.items()}
