@@ -31,7 +31,11 @@ SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="random:llama3-cpu-bench", help="checkpoint directory or random:PRESET")
     p.add_argument("--dtype", default="float32", choices=sorted(SHORT), help="precision of the checkpoint and engines")
-    p.add_argument("--ort-dtypes", default=None, help="this project's export precisions, comma separated "
+    p.add_argument("--genai-precisions", default=None,
+                   help="onnxruntime-genai builds, comma separated: float32, float16, int8, int4 (default: --dtype)")
+    p.add_argument("--ort-dtypes", default=None, help="this project's exports, comma separated: float32/float16/"
+                                                       "bfloat16 (portable graph) or opt-float32, opt-float16, "
+                                                       "opt-int8, opt-int4 (optimized graph) "
                    "(default: --dtype)")
     p.add_argument("--engines", default=DEFAULT_ENGINES,
                    help="comma separated: ort, torch-eager, torch-compile, optimum, genai")
@@ -94,13 +98,18 @@ def git_info() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, compile_backend, compile_max_cache_len):
+def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, compile_backend, compile_max_cache_len,
+           genai_precisions=()):
     from .harness import EngineSpec
     specs = []
     for kind in kinds:
         if kind == "ort":
             specs += [EngineSpec("ort", builds[f"ort-{d}"]["path"], device, d, threads, label=f"ort:{d}")
                       for d in ort_dtypes if f"ort-{d}" in builds]
+        elif kind == "genai" and genai_precisions:
+            python = str(Path(genai_python).absolute())
+            specs += [EngineSpec("genai", builds[f"genai-{p}"]["path"], device, p, threads, label=f"genai:{p}",
+                                 python=python) for p in genai_precisions if f"genai-{p}" in builds]
         elif kind in builds:
             python = genai_python if kind == "genai" else sys.executable
             opts = ({"backend": compile_backend, "max_cache_len": compile_max_cache_len}
@@ -111,7 +120,7 @@ def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, c
 
 
 def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes: list[str], device: str, seed: int,
-            genai_python: str, log=print) -> tuple[dict, list[dict]]:
+            genai_python: str, genai_precisions: list[str] = (), log=print) -> tuple[dict, list[dict]]:
     """Build (or reuse) every artifact; returns ({name: build info}, [{engine, reason} that cannot run])."""
     from .peers import artifacts as A
     work.mkdir(parents=True, exist_ok=True)
@@ -121,14 +130,18 @@ def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes:
     log(f"checkpoint: {ckpt} ({builds['checkpoint']['seconds']} s)")
     steps = []
     if "ort" in kinds:
-        steps += [(f"ort-{d}", f"llama3-deploy ort ({d})", lambda d=d: A.ours(ckpt, work, dtype=d)) for d in ort_dtypes]
+        steps += [(f"ort-{d}", f"llama3-deploy ort ({d})", lambda d=d: A.ours(ckpt, work, variant=d)) for d in ort_dtypes]
     for kind in ("torch-eager", "torch-compile"):
         if kind in kinds:
             builds[kind] = {"path": ckpt, "command": None, "seconds": 0.0, "cached": True}
     if "optimum" in kinds:
         steps.append(("optimum", "optimum ORTModelForCausalLM",
                       lambda: A.optimum(ckpt, work, dtype=dtype, device=device)))
-    if "genai" in kinds:
+    if "genai" in kinds and genai_precisions:
+        steps += [(f"genai-{p}", f"onnxruntime-genai ({p})",
+                   lambda p=p: A.genai(ckpt, work, dtype=p, python=genai_python, device=device))
+                  for p in genai_precisions]
+    elif "genai" in kinds:
         steps.append(("genai", "onnxruntime-genai",
                       lambda: A.genai(ckpt, work, dtype=dtype, python=genai_python, device=device)))
     for name, engine, build in steps:
@@ -146,7 +159,8 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
           reps: int = 3, warmup: int = 1, seed: int = 0, threads: int = 0, work_dir: str = "work-out/bench",
           output_dir: str = "benchmarks/results", name: str | None = None, genai_python: str = GENAI_PYTHON,
           compile_backend: str = "inductor", compile_max_cache_len: int = 0, scope: str = "cell",
-          quick_floor: bool = False, prepare_only: bool = False, log=print) -> dict:
+          quick_floor: bool = False, prepare_only: bool = False, genai_precisions: str | None = None,
+          log=print) -> dict:
     """Build the artifacts, measure the floor, run the matrix, measure the floor again, write the report."""
     from llama3_deploy.config import load_config
     from llama3_deploy.manifest import tool_versions
@@ -160,17 +174,18 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     t_start = time.perf_counter()
     kinds = [k.strip() for k in engines.split(",") if k.strip()]
     ort_list = [d.strip() for d in (ort_dtypes or dtype).split(",") if d.strip()]
+    genai_list = [p.strip() for p in (genai_precisions or "").split(",") if p.strip()]
     work = Path(work_dir).resolve()
     machine = machine_info(device)
     git = git_info()  # the tree as the run starts
     builds, skipped = prepare(model, work, kinds=kinds, dtype=dtype, ort_dtypes=ort_list, device=device, seed=seed,
-                              genai_python=genai_python, log=log)
+                              genai_python=genai_python, genai_precisions=genai_list, log=log)
     if prepare_only:
         return {"builds": builds, "skipped": skipped}
     config = load_config(Path(builds["checkpoint"]["path"]))
     specs = _specs(kinds, builds, dtype=dtype, ort_dtypes=ort_list, device=device, threads=threads,
                    genai_python=genai_python, compile_backend=compile_backend,
-                   compile_max_cache_len=compile_max_cache_len)
+                   compile_max_cache_len=compile_max_cache_len, genai_precisions=genai_list)
     floor_dtype = "float32" if not device.startswith("cuda") else dtype
     log("measuring the floor (bandwidth, matmul rate) ...")
     floor_start = F.measure_machine(device, dtype=floor_dtype, quick=quick_floor)

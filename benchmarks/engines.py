@@ -49,8 +49,10 @@ class OrtEngine:
     def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0, label: str | None = None):
         from runtime.generate import Generator
         self.gen = Generator(export_dir, device=device, threads=threads)
-        self.dtype = self.gen.session.dtype
-        self.name = label or f"llama3-deploy ort ({self.dtype}, {self.gen.session.manifest.flavor})"
+        m = self.gen.session.manifest
+        # Weight-only quantized exports are named by their weights (int8/int4), which is what sets their floor.
+        self.dtype = f"int{m.quantization['bits']}" if m.quantization else self.gen.session.dtype
+        self.name = label or f"llama3-deploy ort ({self.dtype}, {m.flavor})"
         self.version = f"llama3-deploy {_version('llama3-deploy')}, {_ort_version()}"
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:

@@ -30,12 +30,31 @@ def linear_params(config: LlamaConfig) -> int:
     return config.num_hidden_layers * per_layer
 
 
+QUANT_BLOCK = 32  # the benchmarked weight-only exports: symmetric blocks of 32 with one fp32 scale each
+
+
+def bytes_per_weight(dtype: str) -> float:
+    """Stored bytes per weight: the dtype's size, or for int8/int4 weight-only the packed value plus its
+    share of the block's fp32 scale."""
+    if dtype in ("int8", "int4"):
+        return int(dtype[3:]) / 8 + 4 / QUANT_BLOCK
+    return dtype_bytes(dtype)
+
+
+def activation_dtype(dtype: str) -> str:
+    """The dtype of activations and the KV cache: weight-only quantized graphs on CPU compute in fp32."""
+    return "float32" if dtype in ("int8", "int4") else dtype
+
+
 def weight_bytes_read(config: LlamaConfig, dtype: str, batch: int) -> int:
-    """Weight bytes one forward pass must read: all weights once, the embedding only for `batch` rows."""
+    """Weight bytes one forward pass must read: all weights once, the embedding only for `batch` rows
+    (kept in the activation dtype by the quantized exports)."""
     table = config.vocab_size * config.hidden_size
     total = config.num_parameters()
-    gathered = total - table + batch * config.hidden_size if not config.tie_word_embeddings else total
-    return gathered * dtype_bytes(dtype)
+    if config.tie_word_embeddings:
+        return int(total * bytes_per_weight(dtype))
+    return int((total - table) * bytes_per_weight(dtype)
+               + batch * config.hidden_size * dtype_bytes(activation_dtype(dtype)))
 
 
 def attention_flops(config: LlamaConfig, batch: int, queries: int, past: int) -> int:
@@ -59,7 +78,7 @@ def decode_flops(config: LlamaConfig, batch: int, context: float) -> float:
 
 def decode_bytes(config: LlamaConfig, dtype: str, batch: int, context: float) -> dict:
     """Bytes one decode step moves at `context` cached tokens: weights once, KV read, new KV written."""
-    kv_tok = config.kv_bytes_per_token(dtype_bytes(dtype))
+    kv_tok = config.kv_bytes_per_token(dtype_bytes(activation_dtype(dtype)))
     weights = weight_bytes_read(config, dtype, batch)
     kv_read = batch * context * kv_tok
     kv_write = batch * kv_tok
@@ -75,7 +94,8 @@ def floor_for(config: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_
     """
     mean_ctx = prompt_len + (new_tokens - 2) / 2 if new_tokens > 1 else prompt_len
     pf = prefill_flops(config, batch, prompt_len)
-    pb = weight_bytes_read(config, dtype, batch) + batch * prompt_len * config.kv_bytes_per_token(dtype_bytes(dtype))
+    pb = (weight_bytes_read(config, dtype, batch)
+          + batch * prompt_len * config.kv_bytes_per_token(dtype_bytes(activation_dtype(dtype))))
     db = decode_bytes(config, dtype, batch, mean_ctx)
     df = decode_flops(config, batch, mean_ctx)
     ttft_compute, ttft_memory = pf / matmul_rate * 1e3, pb / bandwidth * 1e3

@@ -96,8 +96,9 @@ class _Weights:
 
 
 def _zero_point_layout(q: QuantSpec, blocks: int) -> tuple[str, int]:
-    """MatMulNBits zero points per output column: uint8 packed 8/bits per byte, or one float per block (HQQ)."""
-    if q.method == "hqq":
+    """MatMulNBits zero points per output column: uint8 packed 8/bits per byte, or one float per block (4-bit
+    HQQ; ONNX Runtime's CPU kernel takes float zero points only for 4-bit weights, so 8-bit HQQ rounds them)."""
+    if q.method == "hqq" and q.bits == 4:
         return "float", blocks
     per_byte = 8 // q.bits
     return "uint8", (blocks + per_byte - 1) // per_byte
@@ -214,10 +215,10 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         prev = tape.op("Slice", [prev, start, end, axis1])
         residual = tape.op("Slice", [residual, start, end, axis1])
     h, _ = skip_norm(prev, residual, w.vector("norm.weight"))
-    head = ("lm_head",) if not c.tie_word_embeddings else ("embed",)
-    if c.tie_word_embeddings:  # the head reads the embedding table transposed; declare it as its own [E, V]
+    head = ("lm_head",)
+    if c.tie_word_embeddings:  # the head reads the embedding table transposed, stored as its own [E, V] tensor
         e = w.table["embed"]
-        w.table["lm_head.tied"] = e.__class__(e.source, "lm_head.tied", e.source_shape, True)
+        w.table["lm_head.tied"] = WeightEntry(e.source, "lm_head.tied", e.source_shape, True)
         head = ("lm_head.tied",)
     out = matmul(h, "lm_head", head, E, V, quantize=quant is not None and quant.lm_head)
     logits_value = ir.Value(name=contract.LOGITS)

@@ -303,7 +303,7 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
     for r in range(B):
         lengths_mask[r, lens[r]] = 1
     decode_logits = run(slice(0, B), next_ids)
-    del session, binding
+    session = binding = None  # free ONNX Runtime before the reference runs
 
     ref_prefill, ref_past = streamed_reference(ref_source, config, ids, mask, pos,
                                                [torch.zeros(B, K, 0, D) for _ in io.past_names])

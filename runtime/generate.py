@@ -167,6 +167,30 @@ class Generator:
             if isinstance(event, tuple) and event[1]:
                 yield event[1]
 
+    def prompt_logits(self, prompt: Prompt) -> np.ndarray:
+        """Logits [T, V] (fp32) at every position of one prompt, for scoring and perplexity.
+
+        Needs an export that computes all positions (the portable flavor, or optimized with --logits all).
+        """
+        if self.session.manifest.logits != "all":
+            raise DeployError(f"{self.session.model_dir} computes logits for the last position only; export it with "
+                              "--logits all to score every position")
+        ids = self.encode_prompt(prompt)
+        T, V = len(ids), self.config.vocab_size
+        if T > self.config.max_position_embeddings:
+            raise DeployError(f"prompt of {T} tokens exceeds the model's context of "
+                              f"{self.config.max_position_embeddings} tokens")
+        buf = self._prepare(1, T)
+        out = np.empty((T, V), np.float32)
+        arr = np.asarray(ids, np.int64)[None]
+        for lo in range(0, T, buf.chunk):
+            hi = min(T, lo + buf.chunk)
+            if buf.shared:
+                out[lo:hi] = self._step_shared(buf, arr[:, lo:hi], row=0, full=True)[0]
+            else:
+                out[lo:hi] = self._step(buf, arr[:, lo:hi], np.arange(lo, hi)[None], hi, full=True)[0]
+        return out
+
     # --- the loop ------------------------------------------------------------------------------------
     def _prepare(self, batch: int, capacity: int) -> _Buffers:
         """The buffers for this shape: reused when they fit, else reallocated once (capacity in whole pages)."""
@@ -279,8 +303,9 @@ class Generator:
             out[r] = logits[0]
         return out
 
-    def _step_shared(self, buf: _Buffers, ids: np.ndarray, row: int | None = None) -> np.ndarray:
-        """Optimized graph: `ids` [n, S] for one row (prefill) or all rows (decode, S = 1). Returns [n, V]."""
+    def _step_shared(self, buf: _Buffers, ids: np.ndarray, row: int | None = None, *, full: bool = False) -> np.ndarray:
+        """Optimized graph: `ids` [n, S] for one row (prefill) or all rows (decode, S = 1). Returns the last
+        position's logits [n, V], or with full=True all the graph computed [n, L, V]."""
         n, S = ids.shape
         V = self.config.vocab_size
         L = S if buf.logits_len > 1 else 1
@@ -290,10 +315,12 @@ class Generator:
         buf.logits.bind_output(buf.binding, contract.LOGITS, (n, L, V))
         self.session.run(buf.binding)
         buf.kv.advance(S, row)
-        return buf.logits.view((n, L, V))[:, -1]
+        logits = buf.logits.view((n, L, V))
+        return logits if full else logits[:, -1]
 
-    def _step(self, buf: _Buffers, ids: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
-        """Run the graph on `ids` [B, S] at `pos` with `total` = past + S; returns logits[:, -1] [B, V] (host)."""
+    def _step(self, buf: _Buffers, ids: np.ndarray, pos: np.ndarray, total: int, *, full: bool = False) -> np.ndarray:
+        """Run the graph on `ids` [B, S] at `pos` with `total` = past + S; returns logits[:, -1] [B, V] (host),
+        or with full=True all positions [B, S, V]."""
         B, S = ids.shape
         V = self.config.vocab_size
         binding = buf.binding
@@ -311,4 +338,5 @@ class Generator:
         buf.logits.bind_output(binding, contract.LOGITS, (B, S, V))
         self.session.run(binding)
         buf.kv.advance(S)
-        return buf.logits.view((B, S, V))[:, -1]
+        logits = buf.logits.view((B, S, V))
+        return logits if full else logits[:, -1]

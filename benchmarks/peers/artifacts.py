@@ -67,12 +67,32 @@ def checkpoint(model: str, work: Path, *, dtype: str, seed: int = 0) -> dict:
     return info
 
 
-def ours(ckpt: str, work: Path, *, dtype: str) -> dict:
-    """This project's validated ONNX export of the checkpoint."""
-    out = work / f"ort-{dtype}"
-    return _cached(out) or _run([sys.executable, "-m", "llama3_deploy", "export", "--model", ckpt, "--output",
-                                 str(out), "--dtype", dtype, "--overwrite"], out, what="llama3-deploy export",
-                                log=work / f"{out.name}.log")
+# This project's export variants by benchmark name: portable graphs by dtype, optimized ones prefixed "opt-".
+# The quantized ones use onnxruntime-genai's CPU defaults (symmetric, block 32, accuracy level 4, the head
+# quantized too), so "same precision" compares like with like.
+EXPORT_VARIANTS = {
+    "float32": [], "float16": [], "bfloat16": [],
+    "opt-float32": ["--flavor", "optimized"],
+    "opt-float16": ["--flavor", "optimized"],
+    "opt-int8": ["--flavor", "optimized", "--quantize", "int8", "--symmetric", "--block-size", "32"],
+    "opt-int4": ["--flavor", "optimized", "--quantize", "int4", "--symmetric", "--block-size", "32"],
+}
+
+
+def variant_dtype(variant: str) -> str:
+    """The activation/KV dtype of an export variant (quantized variants run in fp32 on CPU)."""
+    base = variant.removeprefix("opt-")
+    return base if base in ("float32", "float16", "bfloat16") else "float32"
+
+
+def ours(ckpt: str, work: Path, *, variant: str) -> dict:
+    """This project's validated ONNX export of the checkpoint, one of EXPORT_VARIANTS."""
+    if variant not in EXPORT_VARIANTS:
+        raise BuildError(f"unknown export variant {variant!r}; known: {', '.join(EXPORT_VARIANTS)}")
+    out = work / f"ort-{variant}"
+    cmd = [sys.executable, "-m", "llama3_deploy", "export", "--model", ckpt, "--output", str(out),
+           "--dtype", variant_dtype(variant), *EXPORT_VARIANTS[variant], "--overwrite"]
+    return _cached(out) or _run(cmd, out, what="llama3-deploy export", log=work / f"{out.name}.log")
 
 
 def optimum(ckpt: str, work: Path, *, dtype: str, device: str = "cpu") -> dict:
@@ -115,7 +135,9 @@ def _genai_input(ckpt: Path, dest: Path) -> Path:
 
 
 def genai(ckpt: str, work: Path, *, dtype: str, python: str, device: str = "cpu") -> dict:
-    """onnxruntime-genai's model builder output for the checkpoint, built in the genai venv."""
+    """onnxruntime-genai's model builder output for the checkpoint, built in the genai venv.
+
+    dtype is float32/float16/bfloat16, or int8/int4 for its weight-only quantized builds (its defaults)."""
     if not Path(python).is_file():
         raise BuildError(f"onnxruntime-genai environment not found ({python}); create it with "
                          "`bash benchmarks/peers/setup_genai.sh`")
@@ -124,7 +146,7 @@ def genai(ckpt: str, work: Path, *, dtype: str, python: str, device: str = "cpu"
     if cached:
         return cached
     src = _genai_input(Path(ckpt), work / "genai-input")
-    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}[dtype]
     cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
            "-e", "cuda" if device.startswith("cuda") else "cpu", "-c", str(work / "genai-cache")]
     return _run(cmd, out, what="onnxruntime-genai model builder", log=work / f"{out.name}.log")

@@ -1,0 +1,161 @@
+"""The optimized flavor (ONNX Runtime contrib ops, in-place KV) against the portable graph and transformers;
+weight-only quantized exports; onnxruntime-genai interop; bad options."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export.pipeline import export_model
+from export.quantize import QuantSpec
+from llama3_deploy.errors import DeployError
+from llama3_deploy.manifest import load_manifest
+from runtime.generate import Generator
+from runtime.session import DeviceBuffer
+from tests.conftest import tiny_config, write_random_checkpoint
+from tests.test_model import hf_model
+from tests.test_runtime import PROMPTS, hf_greedy
+
+N = 24
+
+
+def _export(ckpt, tmp_path_factory, name, **kwargs):
+    return export_model(str(ckpt), tmp_path_factory.mktemp("opt") / name, progress=False, **kwargs).output
+
+
+@pytest.fixture(scope="module")
+def opt_last(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory, "last", flavor="optimized")
+
+
+@pytest.fixture(scope="module")
+def opt_all(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory, "all", flavor="optimized", logits="all")
+
+
+def test_manifest_records_flavor_and_genai_config(opt_last):
+    m = load_manifest(opt_last)
+    assert (m.flavor, m.logits, m.quantization) == ("optimized", "last", None)
+    assert m.io.outputs[0].shape == ("batch_size", 1, m.config.vocab_size)
+    assert m.io.inputs[2].shape[2] == "max_sequence_length"  # the fixed buffer length, chosen by the runtime
+    genai = json.loads((opt_last / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    steps = m.raw["validation"]["numeric"]["steps"]
+    assert all(s["ok"] for s in steps) and max(s["logits_max_abs_diff"] for s in steps) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["opt_last", "opt_all"])
+def test_greedy_matches_portable_and_transformers(which, request, tiny_export, tiny_checkpoint):
+    gen = Generator(request.getfixturevalue(which), prefill_chunk=4)  # chunked prefill into the shared buffer
+    portable = Generator(tiny_export)
+    ref = hf_greedy(tiny_checkpoint, PROMPTS, N)
+    batch = gen.generate(PROMPTS, max_new_tokens=N, ignore_eos=True)  # rows of different lengths
+    assert [r.generated_ids for r in batch] == ref
+    assert [r.generated_ids for r in portable.generate(PROMPTS, max_new_tokens=N, ignore_eos=True)] == ref
+    single = gen.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True)
+    assert single.generated_ids == ref[0]
+
+
+def test_prompt_logits_match_transformers(opt_all, tiny_checkpoint):
+    import torch
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        ref = hf_model(tiny_checkpoint)(torch.tensor([ids])).logits[0].numpy()
+    got = Generator(opt_all, prefill_chunk=3).prompt_logits(ids)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_buffers_are_reused_in_place(opt_last, monkeypatch):
+    gen = Generator(opt_last)
+    gen.generate(PROMPTS, max_new_tokens=4, ignore_eos=True)
+    buffers = gen._buffers
+    pointers = [b.ptr for b in buffers.kv.buffers]
+    allocations = []
+    original = DeviceBuffer.__init__
+
+    def counting(self, *a, **k):
+        allocations.append(a)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(DeviceBuffer, "__init__", counting)
+    bound = []
+    real_bind = type(buffers.kv).bind
+
+    def spy(kv, binding, new_tokens, row=None):
+        real_bind(kv, binding, new_tokens, row)
+        bound.append(row)
+
+    monkeypatch.setattr(type(buffers.kv), "bind", spy)
+    gen.generate(PROMPTS[::-1], max_new_tokens=6, ignore_eos=True)  # same batch size, another generation
+    assert allocations == [] and gen._buffers is buffers
+    assert [b.ptr for b in buffers.kv.buffers] == pointers
+    assert bound.count(None) == 5 and sorted(r for r in bound if r is not None) == [0, 1, 2]  # 5 decode steps
+    assert list(buffers.kv.lengths) == [len(p) + 5 for p in PROMPTS[::-1]]
+
+
+def test_quantized_exports_load_generate_and_stay_close(tiny_checkpoint, opt_all, tmp_path_factory):
+    """Logits relative error vs the fp32 graph (random weights: the bound is loose on purpose; quality on a
+    trained model is measured by benchmarks/quality.py)."""
+    ref = Generator(opt_all).prompt_logits(PROMPTS[0])
+    # relative RMS error ||q - fp32|| / ||fp32|| over all positions; measured 0.012 (int8) and 0.11-0.14 (int4)
+    bounds = {8: 0.03, 4: 0.25}
+    for spec in (QuantSpec(bits=8, symmetric=True), QuantSpec(bits=4), QuantSpec(bits=4, method="hqq"),
+                 QuantSpec(bits=4, block_size=16, symmetric=True, accuracy_level=0, embedding=True)):
+        out = _export(tiny_checkpoint, tmp_path_factory, spec.label, flavor="optimized", logits="all",
+                      quantization=spec)
+        m = load_manifest(out)
+        assert QuantSpec.from_json(m.quantization) == spec
+        gen = Generator(out)
+        rel = float(np.linalg.norm(gen.prompt_logits(PROMPTS[0]) - ref) / np.linalg.norm(ref))
+        assert rel < bounds[spec.bits], (spec.label, rel)
+        assert len(gen.generate(PROMPTS, max_new_tokens=5, ignore_eos=True)[2].generated_ids) == 5
+
+
+def test_onnxruntime_genai_runs_the_export(opt_last):
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = PROMPTS[0]
+    model = og.Model(str(opt_last))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + N, min_length=len(prompt) + N, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(np.array([prompt], dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    ours = Generator(opt_last).generate(prompt, max_new_tokens=N, ignore_eos=True).generated_ids
+    assert g.get_sequence(0)[len(prompt):].tolist() == ours
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(flavor="fast"), "unknown --flavor 'fast'"),
+    (dict(flavor="optimized", logits="some"), "unknown --logits"),
+    (dict(quantization=QuantSpec(bits=4)), "use --flavor optimized"),
+    (dict(flavor="optimized", quantization=QuantSpec(bits=4, block_size=128)), "does not divide hidden_size 64"),
+    (dict(flavor="optimized", quantization=QuantSpec(bits=4, block_size=48)), "power of two"),
+    (dict(flavor="optimized", quantization=QuantSpec(bits=3)), "bits 3"),
+    (dict(flavor="optimized", dtype="bf16"), "fp32 and fp16"),
+])
+def test_bad_graph_options(tiny_checkpoint, tmp_path, kwargs, message):
+    with pytest.raises(DeployError, match=message.replace("(", r"\(")):
+        export_model(str(tiny_checkpoint), tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_unknown_flavor(tiny_checkpoint, tmp_path, capsys):
+    from llama3_deploy.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--flavor", "fast"])
+    assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+    rc = main(["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--flavor", "optimized",
+               "--quantize", "int4", "--block-size", "96", "--quiet"])
+    assert rc != 0 and not (tmp_path / "o").exists()
+    assert "block size 96" in capsys.readouterr().err
+
+
+def test_tied_embeddings_and_fp16(tmp_path):
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", tiny_config(tie_word_embeddings=True), seed=3)
+    for dtype in ("float32", "float16"):
+        out = export_model(str(ckpt), tmp_path / dtype, flavor="optimized", dtype=dtype, progress=False).output
+        assert load_manifest(out).raw["validation"]["numeric"]["steps"][1]["ok"]
