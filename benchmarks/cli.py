@@ -104,7 +104,10 @@ def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, c
     specs = []
     for kind in kinds:
         if kind == "ort":
-            specs += [EngineSpec("ort", builds[f"ort-{d}"]["path"], device, d, threads, label=f"ort:{d}")
+            # optimized exports on CUDA replay a captured decode step (CUDA graphs)
+            specs += [EngineSpec("ort", builds[f"ort-{d}"]["path"], device, d, threads, label=f"ort:{d}",
+                                 options={"cuda_graph": True} if device.startswith("cuda") and d.startswith("opt-")
+                                 else {})
                       for d in ort_dtypes if f"ort-{d}" in builds]
         elif kind == "genai" and genai_precisions:
             python = str(Path(genai_python).absolute())

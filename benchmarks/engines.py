@@ -46,9 +46,10 @@ class OrtEngine:
 
     kind = "ort"
 
-    def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0, label: str | None = None):
+    def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0, label: str | None = None,
+                 cuda_graph: bool = False):
         from runtime.generate import Generator
-        self.gen = Generator(export_dir, device=device, threads=threads)
+        self.gen = Generator(export_dir, device=device, threads=threads, cuda_graph=cuda_graph)
         m = self.gen.session.manifest
         # Weight-only quantized exports are named by their weights (int8/int4), which is what sets their floor.
         self.dtype = f"int{m.quantization['bits']}" if m.quantization else self.gen.session.dtype
@@ -319,7 +320,7 @@ def make_engine(spec: dict):
         if hasattr(onnxruntime, "preload_dlls"):  # CUDA/cuDNN from the pip-installed NVIDIA wheels
             onnxruntime.preload_dlls()
     if kind == "ort":
-        return OrtEngine(path, device=device, threads=threads)
+        return OrtEngine(path, device=device, threads=threads, **opts)
     if kind == "torch-eager":
         return TorchEagerEngine(path, dtype=spec.get("dtype", "float32"), device=device, threads=threads, **opts)
     if kind == "torch-compile":

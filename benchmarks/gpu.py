@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "work-out/gpu-out"), help="where results go ($OUT)")
     p.add_argument("--model", default="random:meta-llama-3-8b-instruct", help="checkpoint dir or random:PRESET")
     p.add_argument("--dtype", default="float16", help="checkpoint and PyTorch precision")
-    p.add_argument("--ort-dtypes", default="float16", help="this project's export precisions (e.g. float16,bfloat16)")
+    p.add_argument("--ort-dtypes", default="float16,opt-float16,opt-float16-int4",
+                   help="this project's exports (portable float16/bfloat16; optimized opt-float16, opt-float16-int4)")
     p.add_argument("--engines", default=GPU_ENGINES)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cells", default=GPU_CELLS)

@@ -19,6 +19,8 @@ _S = SamplingParams()
 def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="export directory (from llama3-deploy export)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the decode step once and replay it (CUDA, optimized exports with --logits last)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill run")
 
@@ -42,7 +44,8 @@ def _params(args) -> SamplingParams:
 
 def _generator(args):
     from .generate import Generator
-    return Generator(args.model, device=args.device, threads=args.threads, prefill_chunk=args.prefill_chunk)
+    return Generator(args.model, device=args.device, threads=args.threads, prefill_chunk=args.prefill_chunk,
+                     cuda_graph=args.cuda_graph)
 
 
 @command("generate", "generate text from an export (streams to the terminal; --json for scripts)")

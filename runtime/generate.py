@@ -73,6 +73,8 @@ class _StopText:
 class _Buffers:
     """Everything one (batch, capacity) shape needs, allocated once and reused across generations."""
 
+    _graphs = 0  # CUDA graph ids handed out; each allocation captures its own decode graph
+
     def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
         c = session.config
         self.batch, self.capacity, self.chunk = batch, capacity, chunk
@@ -81,8 +83,13 @@ class _Buffers:
         self.kv = session.kv_cache(batch, capacity)
         host = Device("cpu")
         logits_rows = max(batch, self.logits_len) if self.shared else batch * chunk
-        self.logits = DeviceBuffer(host, "float32", logits_rows * c.vocab_size)  # ORT copies into it on CUDA
-        self.ids = DeviceBuffer(host, "int64", batch * chunk)
+        # With CUDA graphs the ids and logits live on the device too (a replayed graph reads and writes fixed
+        # device addresses); otherwise they are host buffers ONNX Runtime copies from and into.
+        self.graph_id = _Buffers._graphs = _Buffers._graphs + 1 if session.cuda_graph else None
+        io_device = session.device if session.cuda_graph else host
+        self.logits = DeviceBuffer(io_device, "float32", logits_rows * c.vocab_size)
+        self.ids = DeviceBuffer(io_device, "int64", batch * chunk)
+        self.ids_host = self.ids.host if self.ids.host is not None else np.zeros(batch * chunk, np.int64)
         self.pos = DeviceBuffer(host, "int64", batch * chunk)
         self.mask = DeviceBuffer(host, "int64", batch * capacity)       # full-length mask, per generation
         self.mask_step = DeviceBuffer(host, "int64", batch * capacity)  # the contiguous [B, total] bound
@@ -94,11 +101,12 @@ class Generator:
     """Generate text from an export directory: `generate(...)` for results, `stream(...)` for text deltas."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0,
-                 graph_optimization: str = "all", prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 graph_optimization: str = "all", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 cuda_graph: bool = False):
         if prefill_chunk <= 0:
             raise DeployError("prefill_chunk must be positive")
         self.session = DecoderSession(model_dir, device=device, threads=threads,
-                                      graph_optimization=graph_optimization)
+                                      graph_optimization=graph_optimization, cuda_graph=cuda_graph)
         self.config = self.session.config
         self.prefill_chunk = prefill_chunk
         has_tokenizer = any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
@@ -309,13 +317,14 @@ class Generator:
         n, S = ids.shape
         V = self.config.vocab_size
         L = S if buf.logits_len > 1 else 1
-        buf.ids.view((n, S))[...] = ids
+        buf.ids_host[:n * S] = ids.reshape(-1)
+        buf.ids.upload(buf.ids_host)
         buf.ids.bind_input(buf.binding, contract.INPUT_IDS, (n, S))
         buf.kv.bind(buf.binding, S, row)
         buf.logits.bind_output(buf.binding, contract.LOGITS, (n, L, V))
-        self.session.run(buf.binding)
+        self.session.run(buf.binding, graph_id=buf.graph_id if row is None else None)  # decode steps replay
         buf.kv.advance(S, row)
-        logits = buf.logits.view((n, L, V))
+        logits = buf.logits.download()[:n * L * V].reshape(n, L, V)
         return logits if full else logits[:, -1]
 
     def _step(self, buf: _Buffers, ids: np.ndarray, pos: np.ndarray, total: int, *, full: bool = False) -> np.ndarray:

@@ -44,14 +44,17 @@ class Device:
             raise DeployError(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
         return cls(kind, int(idx or 0))
 
-    def providers(self) -> list:
+    def providers(self, *, cuda_graph: bool = False) -> list:
         if self.kind == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise DeployError("device cuda requested but this onnxruntime has no CUDAExecutionProvider "
                                   "(install onnxruntime-gpu)")
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN libraries installed from pip are found this way
                 ort.preload_dlls()
-            return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
+            options = {"device_id": self.index}
+            if cuda_graph:  # decode steps are captured once and replayed (see DecoderSession.run)
+                options["enable_cuda_graph"] = "1"
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
 
@@ -85,10 +88,15 @@ class DeviceBuffer:
         binding.bind_output(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape),
                             self._at(offset))
 
+    def download(self) -> np.ndarray:
+        """The whole buffer as a host array (a copy on CUDA; the buffer itself on CPU)."""
+        return self.host if self.host is not None else self.value.numpy()
+
     def upload(self, host: np.ndarray) -> None:
         """Copy a whole host array of the same size into a device buffer (CUDA; CPU buffers are the host)."""
         if self.host is not None:
-            self.host[...] = host.reshape(-1)
+            if host is not self.host:
+                self.host[...] = host.reshape(-1)
         else:
             self.value.update_inplace(np.ascontiguousarray(host).reshape(-1))
 
@@ -175,7 +183,7 @@ class DecoderSession:
     """An export directory loaded into ONNX Runtime, checked against its manifest."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", cuda_graph: bool = False):
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise DeployError(f"export directory not found: {self.model_dir}")
@@ -185,6 +193,12 @@ class DecoderSession:
         self.manifest: Manifest = load_manifest(self.model_dir)
         self.config, self.dtype, self.io = self.manifest.config, self.manifest.dtype, self.manifest.io
         self.device = Device.parse(device)
+        # CUDA graphs need every decode step to bind the same addresses and shapes: only the optimized flavor
+        # (fixed in-place KV, full-width lengths mask) with last-position logits has that.
+        self.cuda_graph = cuda_graph
+        if cuda_graph and (self.device.kind != "cuda" or self.manifest.flavor != "optimized"
+                           or self.manifest.logits != "last"):
+            raise DeployError("cuda_graph needs device cuda and an optimized export with --logits last")
         if self.dtype == "bfloat16" and self.device.kind == "cpu":
             raise DeployError(f"{self.model_dir} is a bfloat16 export; ONNX Runtime runs bfloat16 graphs only on "
                               "its CUDA execution provider (use --device cuda, or export with --dtype fp16/fp32)")
@@ -199,7 +213,7 @@ class DecoderSession:
         opts.graph_optimization_level = levels[graph_optimization]
         try:
             self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), opts,
-                                                providers=self.device.providers())
+                                                providers=self.device.providers(cuda_graph=cuda_graph))
         except Exception as e:  # ONNX Runtime raises its own types for unreadable or invalid models
             raise DeployError(f"ONNX Runtime cannot load {self.model_dir / MODEL_FILE} (corrupt or incomplete "
                               f"export?): {str(e).splitlines()[0][:300]}") from None
@@ -227,7 +241,14 @@ class DecoderSession:
         kind = {"portable": PingPongKV, "optimized": SharedKV}[self.manifest.flavor]
         return kind(self.io, self.config, self.dtype, self.device, batch, capacity)
 
-    def run(self, binding: ort.IOBinding) -> None:
-        self.session.run_with_iobinding(binding)
+    def run(self, binding: ort.IOBinding, *, graph_id: int | None = None) -> None:
+        """Run on the bound buffers. With cuda_graph, `graph_id` names a captured decode graph (captured on its
+        first runs, replayed after); None runs without capture (prefill, whose shapes vary)."""
+        if self.cuda_graph:
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id) if graph_id is not None else "-1")
+            self.session.run_with_iobinding(binding, options)
+        else:
+            self.session.run_with_iobinding(binding)
         if self.device.kind != "cpu":
             binding.synchronize_outputs()

@@ -70,19 +70,21 @@ def checkpoint(model: str, work: Path, *, dtype: str, seed: int = 0) -> dict:
 # This project's export variants by benchmark name: portable graphs by dtype, optimized ones prefixed "opt-".
 # The quantized ones use onnxruntime-genai's CPU defaults (symmetric, block 32, accuracy level 4, the head
 # quantized too), so "same precision" compares like with like.
-EXPORT_VARIANTS = {
-    "float32": [], "float16": [], "bfloat16": [],
-    "opt-float32": ["--flavor", "optimized"],
-    "opt-float16": ["--flavor", "optimized"],
-    "opt-int8": ["--flavor", "optimized", "--quantize", "int8", "--symmetric", "--block-size", "32"],
-    "opt-int4": ["--flavor", "optimized", "--quantize", "int4", "--symmetric", "--block-size", "32"],
+# On CUDA (opt-float16-int4) genai's default accuracy level is 0 (the kernel's own), hence --accuracy-level 0.
+_Q = ["--flavor", "optimized", "--symmetric", "--block-size", "32"]
+EXPORT_VARIANTS = {  # name -> (activation / KV dtype, export arguments)
+    "float32": ("float32", []), "float16": ("float16", []), "bfloat16": ("bfloat16", []),
+    "opt-float32": ("float32", ["--flavor", "optimized"]),
+    "opt-float16": ("float16", ["--flavor", "optimized"]),
+    "opt-int8": ("float32", [*_Q, "--quantize", "int8"]),
+    "opt-int4": ("float32", [*_Q, "--quantize", "int4"]),
+    "opt-float16-int4": ("float16", [*_Q, "--quantize", "int4", "--accuracy-level", "0"]),
 }
 
 
 def variant_dtype(variant: str) -> str:
-    """The activation/KV dtype of an export variant (quantized variants run in fp32 on CPU)."""
-    base = variant.removeprefix("opt-")
-    return base if base in ("float32", "float16", "bfloat16") else "float32"
+    """The activation/KV dtype of an export variant."""
+    return EXPORT_VARIANTS[variant][0]
 
 
 def ours(ckpt: str, work: Path, *, variant: str) -> dict:
@@ -91,7 +93,7 @@ def ours(ckpt: str, work: Path, *, variant: str) -> dict:
         raise BuildError(f"unknown export variant {variant!r}; known: {', '.join(EXPORT_VARIANTS)}")
     out = work / f"ort-{variant}"
     cmd = [sys.executable, "-m", "llama3_deploy", "export", "--model", ckpt, "--output", str(out),
-           "--dtype", variant_dtype(variant), *EXPORT_VARIANTS[variant], "--overwrite"]
+           "--dtype", variant_dtype(variant), *EXPORT_VARIANTS[variant][1], "--overwrite"]
     return _cached(out) or _run(cmd, out, what="llama3-deploy export", log=work / f"{out.name}.log")
 
 
