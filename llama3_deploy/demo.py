@@ -55,14 +55,18 @@ def run_demo(args) -> int:
                             overwrite=True)
     copy_tokenizer_files(work / "tokenizer", ckpt)
 
-    say("3/5 exporting to ONNX and validating against PyTorch")
-    result = export_model(str(ckpt), work / "onnx", overwrite=True, progress=False)
-    print(result.summary())
+    say("3/5 exporting to ONNX (portable graph, and the optimized graph for ONNX Runtime) and validating "
+        "both against PyTorch")
+    exports = []
+    for flavor in ("portable", "optimized"):
+        result = export_model(str(ckpt), work / f"onnx-{flavor}", flavor=flavor, overwrite=True, progress=False)
+        print(result.summary())
+        exports.append(result.output)
 
-    say("4/5 a chat reply through the runtime (ONNX Runtime, IO binding)")
+    say("4/5 a chat reply through the runtime (ONNX Runtime, IO binding, in-place KV cache)")
     from runtime.generate import Generator
     from runtime.sampling import SamplingParams
-    gen = Generator(work / "onnx")
+    gen = Generator(exports[1])
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Write a haiku about exporting models."}]
     sys.stdout.write("assistant> ")
@@ -73,20 +77,20 @@ def run_demo(args) -> int:
 
     say(f"5/5 latency vs PyTorch eager: prompt {args.prompt_tokens} tokens, {args.new_tokens} forced greedy "
         f"tokens, median of {args.repeats} interleaved runs after a warm-up")
-    print(latency_table(ckpt, work / "onnx", prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+    print(latency_table(ckpt, exports, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         repeats=args.repeats, vocab_size=config.vocab_size))
     say("random weights: figures measure speed only. Files are in " + str(work))
     return 0
 
 
-def latency_table(checkpoint: Path, export_dir: Path, *, prompt_tokens: int, new_tokens: int, repeats: int,
+def latency_table(checkpoint: Path, export_dirs: list[Path], *, prompt_tokens: int, new_tokens: int, repeats: int,
                   vocab_size: int) -> str:
-    """Interleaved runs of this runtime and PyTorch eager on the same model; a small Markdown table."""
+    """Interleaved runs of this runtime (each export) and PyTorch eager on the same model; a Markdown table."""
     import numpy as np
 
     from benchmarks.engines import OrtEngine, TorchEagerEngine
 
-    engines = [OrtEngine(export_dir), TorchEagerEngine(checkpoint)]
+    engines = [*(OrtEngine(d) for d in export_dirs), TorchEagerEngine(checkpoint)]
     prompt = [np.random.default_rng(0).integers(0, vocab_size - 256, prompt_tokens).tolist()]
     for e in engines:  # warm-up
         e.run(prompt, new_tokens)
@@ -95,7 +99,7 @@ def latency_table(checkpoint: Path, export_dir: Path, *, prompt_tokens: int, new
         for e in engines:
             runs[e.name].append(e.run(prompt, new_tokens))
     rows = ["| engine | TTFT ms | TPOT ms (p50) | tokens/s | same tokens as PyTorch |", "|---|---:|---:|---:|---|"]
-    ref_tokens = runs[engines[1].name][0].tokens
+    ref_tokens = runs[engines[-1].name][0].tokens
     base = None
     for e in engines:
         ttft = statistics.median(t.ttft_ms for t in runs[e.name])
