@@ -136,13 +136,15 @@ def test_gpu_command_cpu_side(tiny_checkpoint, work, tmp_path):
     (static cache; the eager backend keeps it fast), table, JSON under --out."""
     from benchmarks import gpu
     out = tmp_path / "out"
-    rc = gpu.main(["--device", "cpu", "--model", str(tiny_checkpoint), "--dtype", "float32", "--ort-dtypes", "float32",
+    rc = gpu.main(["--device", "cpu", "--model", str(tiny_checkpoint), "--dtype", "float32",
+                   "--ort-dtypes", "float32,opt-float32",
                    "--engines", "ort,torch-eager,torch-compile", "--compile-backend", "eager", "--cells", "8x1,8x2",
                    "--new-tokens", "4", "--reps", "2", "--out", str(out), "--work-dir", str(work),
                    "--quick-floor"])
     assert rc == 0
     doc = json.loads(next(out.glob("gpu-*.json")).read_text())
     _check_doc(doc, {"ort", "torch-eager", "torch-compile"}, {(8, 1), (8, 2)}, reps=2)
+    assert {r["key"] for r in doc["results"] if r["kind"] == "ort"} == {"ort:float32", "ort:opt-float32"}
     assert doc["protocol"]["scope"] == "run" and doc["preflight"]["onnxruntime"]
     assert (out / "gpu-bench.log").is_file() and list((out / "logs").rglob("*.log"))
 
@@ -161,3 +163,10 @@ def test_cli_registers_bench():
     from llama3_deploy.cli import build_parser
     args = build_parser().parse_args(["bench", "--cells", "8x1", "--engines", "ort"])
     assert args.cells == "8x1" and callable(args.run)
+
+
+def test_quantized_floor_reads_fewer_bytes():
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=2048)
+    b = {d: F.decode_bytes(cfg, d, 1, 128)["weights"] for d in ("float32", "int8", "int4")}
+    assert b["int4"] < b["int8"] < b["float32"] / 3
+    assert F.decode_bytes(cfg, "int4", 1, 128)["kv_read"] == F.decode_bytes(cfg, "float32", 1, 128)["kv_read"]
