@@ -82,7 +82,7 @@ class _Buffers:
         self.logits_len = chunk if session.manifest.logits == "all" else 1  # logits positions per prefill run
         self.kv = session.kv_cache(batch, capacity)
         host = Device("cpu")
-        logits_rows = max(batch, self.logits_len) if self.shared else batch * chunk
+        logits_rows = batch * self.logits_len if self.shared else batch * chunk
         # With CUDA graphs the ids and logits live on the device too (a replayed graph reads and writes fixed
         # device addresses); otherwise they are host buffers ONNX Runtime copies from and into.
         self.graph_id = _Buffers._graphs = _Buffers._graphs + 1 if session.cuda_graph else None
@@ -302,8 +302,12 @@ class Generator:
         return logits
 
     def _prefill_shared(self, buf: _Buffers, rows: list[list[int]]) -> np.ndarray:
-        """Optimized graph: each row prefilled alone into its slot (no padding), in chunks. Last logits [B, V]."""
+        """Optimized graph: each row prefilled alone into its slot (no padding), in chunks; a batch of equal
+        lengths that fits one chunk in one run. Last logits [B, V]."""
         out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        if len(rows) > 1 and len({len(ids) for ids in rows}) == 1 and len(rows[0]) <= buf.chunk:
+            out[:] = self._step_shared(buf, np.asarray(rows, np.int64))  # equal lengths, one chunk: one batch
+            return out
         for r, ids in enumerate(rows):
             prompt = np.asarray(ids, np.int64)[None]
             for lo in range(0, prompt.shape[1], buf.chunk):
@@ -322,7 +326,8 @@ class Generator:
         buf.ids.bind_input(buf.binding, contract.INPUT_IDS, (n, S))
         buf.kv.bind(buf.binding, S, row)
         buf.logits.bind_output(buf.binding, contract.LOGITS, (n, L, V))
-        self.session.run(buf.binding, graph_id=buf.graph_id if row is None else None)  # decode steps replay
+        decode = row is None and S == 1
+        self.session.run(buf.binding, graph_id=buf.graph_id if decode else None)  # only decode steps replay
         buf.kv.advance(S, row)
         logits = buf.logits.download()[:n * L * V].reshape(n, L, V)
         return logits if full else logits[:, -1]

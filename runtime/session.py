@@ -146,6 +146,7 @@ class SharedKV:
         self.buffers = [DeviceBuffer(device, dtype, batch * self.row_numel) for _ in io.past_names]
         self.lengths = np.zeros(batch, np.int64)
         self.mask_host = np.zeros((batch, capacity), np.int64)  # the host copy of the lengths mask
+        self._ones = np.ones(batch * capacity, np.int64)  # the mask of a first, batched prefill
         self.mask = DeviceBuffer(device, "int64", batch * capacity) if device.kind != "cpu" else None
 
     def reset(self) -> None:
@@ -161,12 +162,18 @@ class SharedKV:
         for r, n in zip(range(rows.start, rows.stop), lengths):
             self.mask_host[r, n:n + new_tokens] = 1
         n_rows = rows.stop - rows.start
+        # GroupQueryAttention takes several tokens per row for several rows only as a first prompt, i.e. a mask
+        # exactly as wide as the new tokens; otherwise the mask spans the whole buffer (static decode shapes).
+        first = new_tokens > 1 and n_rows > 1
+        if first and lengths.any():
+            raise DeployError("a multi-row prefill must start from empty rows; prefill rows one at a time")
+        width = new_tokens if first else self.capacity
+        host = self._ones[:n_rows * width].reshape(n_rows, width) if first else self.mask_host[rows]
         if self.mask is None:  # CPU: ONNX Runtime reads the host array itself
-            binding.bind_input(contract.ATTENTION_MASK, "cpu", 0, np.int64, [n_rows, self.capacity],
-                               self.mask_host[rows].ctypes.data)
+            binding.bind_input(contract.ATTENTION_MASK, "cpu", 0, np.int64, [n_rows, width], host.ctypes.data)
         else:
-            self.mask.upload(self.mask_host)
-            self.mask.bind_input(binding, contract.ATTENTION_MASK, (n_rows, self.capacity), rows.start * self.capacity)
+            self.mask.upload(self._ones if first else self.mask_host)
+            self.mask.bind_input(binding, contract.ATTENTION_MASK, (n_rows, width), 0 if first else rows.start * width)
         shape = (n_rows, self.kv_heads, self.capacity, self.head_dim)
         for buf, p_name, o_name in zip(self.buffers, self.io.past_names, self.io.present_names):
             buf.bind_input(binding, p_name, shape, rows.start * self.row_numel)

@@ -56,6 +56,21 @@ def test_greedy_matches_portable_and_transformers(which, request, tiny_export, t
     assert [r.generated_ids for r in portable.generate(PROMPTS, max_new_tokens=N, ignore_eos=True)] == ref
     single = gen.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True)
     assert single.generated_ids == ref[0]
+    same_length = [PROMPTS[0], PROMPTS[0][::-1]]  # prefilled together as one batch
+    assert [r.generated_ids for r in gen.generate(same_length, max_new_tokens=N, ignore_eos=True)] == \
+        [gen.generate(p, max_new_tokens=N, ignore_eos=True).generated_ids for p in same_length]
+
+
+def test_equal_length_batch_prefills_together(opt_last, monkeypatch):
+    gen = Generator(opt_last)
+    rows = [PROMPTS[0], PROMPTS[0][::-1], PROMPTS[0][1:] + [3]]
+    alone = [gen.generate(p, max_new_tokens=N, ignore_eos=True).generated_ids for p in rows]
+    calls = []
+    real = Generator._step_shared
+    monkeypatch.setattr(Generator, "_step_shared", lambda self, buf, ids, row=None, **k: (
+        calls.append((ids.shape, row)), real(self, buf, ids, row, **k))[1])
+    assert [r.generated_ids for r in gen.generate(rows, max_new_tokens=N, ignore_eos=True)] == alone
+    assert calls[0] == ((3, 7), None)  # one prefill run for the three rows
 
 
 def test_prompt_logits_match_transformers(opt_all, tiny_checkpoint):
