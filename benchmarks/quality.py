@@ -140,7 +140,8 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
                                quantization=spec, progress=False)
             export_s = time.perf_counter() - t0
             steps = (res.manifest.get("validation", {}).get("numeric") or {}).get("steps") or []
-            figures, ref = measure(res.output, eval_windows, prompt_ids, new_tokens=new_tokens, threads=threads, ref=ref)
+            figures, ref = measure(res.output, eval_windows, prompt_ids, new_tokens=new_tokens, threads=threads,
+                                   ref=ref)
             row = {"variant": label, "quantization": spec.to_json() if spec else None,
                    "onnx_bytes": res.manifest["files"]["model.onnx"] + res.manifest["files"][DATA_FILE],
                    "export_s": round(export_s, 1),
@@ -193,8 +194,11 @@ def render_markdown(record: dict) -> str:
     if t:
         lines.append(f"Training: {t['steps']} steps, {t['tokens_seen']:,} tokens, final train loss "
                      f"{t['final_train_loss']:.3f}, held-out perplexity (PyTorch) {t['heldout']['perplexity']:.2f}.")
+    q = next((r["quantization"] for r in record["variants"] if r["quantization"]), None) or {}
     lines += ["", f"Optimized ONNX export (logits at every position), weight-only quantization with block size "
-              f"{s['block_size']} (MatMulNBits, accuracy level per spec in the JSON). Perplexity over "
+              f"{s['block_size']} (MatMulNBits accuracy_level {q.get('accuracy_level')}, output head "
+              f"{'quantized' if q.get('lm_head') else 'fp32'}, "
+              f"embedding {'quantized' if q.get('embedding') else 'fp32'}). Perplexity over "
               f"{s['windows']} held-out windows of {s['window_length']} tokens; greedy agreement over "
               f"{s['new_tokens']} new tokens from {s['prompts']} held-out prompts of {s['prompt_length']} tokens.", "",
               "| variant | ONNX MiB | size vs fp32 | perplexity | change vs fp32 | KL vs fp32 (nats) | top-1 vs fp32 "
@@ -206,8 +210,9 @@ def render_markdown(record: dict) -> str:
                      f"{r['top1_vs_fp32']:.4f} | {r['greedy_prefix']:.3f} | {r['greedy_overall']:.3f} | "
                      f"{r['greedy_identical']}/{s['prompts']} |")
     lines += ["", "Definitions:", ""] + [f"- **{k}**: {v}" for k, v in record["definitions"].items()]
+    cmd = record["command"] or "run_quality(...) from Python"
     lines += ["", f"Machine: {record['machine']['short']}; commit {record['git']['commit'][:12]}"
-              + (" (dirty)" if record["git"]["dirty"] else "") + f"; command: `{record['command']}`", ""]
+              + (" (dirty)" if record["git"]["dirty"] else "") + f"; command: `{cmd}`", ""]
     return "\n".join(lines)
 
 
