@@ -271,11 +271,11 @@ class GenaiEngine:
 
     kind = "genai"
 
-    def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0):
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0, precision: str | None = None):
         import onnxruntime_genai as og
         self.og = og
         self.model = og.Model(str(model_dir))
-        self.name = "onnxruntime-genai"
+        self.name = f"onnxruntime-genai ({precision})" if precision else "onnxruntime-genai"
         self.version = f"onnxruntime-genai {_version('onnxruntime-genai')}, onnxruntime {_version('onnxruntime')}"
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
@@ -328,5 +328,5 @@ def make_engine(spec: dict):
     if kind == "optimum":
         return OptimumEngine(path, device=device, threads=threads)
     if kind == "genai":
-        return GenaiEngine(path, device=device, threads=threads)
+        return GenaiEngine(path, device=device, threads=threads, precision=spec.get("dtype"))
     raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(ENGINE_KINDS)}")

@@ -22,9 +22,15 @@ def _ratio(x) -> str:
 
 
 def result_rows(doc: dict) -> list[dict]:
-    """Results ordered by cell (batch, then prompt length) and engine order of the run."""
+    """Results ordered by cell (batch, then prompt length) and engine order of the run. Engines that share a
+    name (one peer at several precisions) are told apart by their precision."""
     order = {e["key"]: i for i, e in enumerate(doc.get("engines", []))}
-    return sorted(doc["results"], key=lambda r: (r["batch"], r["prompt_len"], order.get(r["key"], 99)))
+    keys_by_name: dict[str, set] = {}
+    for r in doc["results"]:
+        keys_by_name.setdefault(r["engine"], set()).add(r["key"])
+    rows = [{**r, "engine": f"{r['engine']} ({r['dtype']})"} if len(keys_by_name[r["engine"]]) > 1 else r
+            for r in doc["results"]]
+    return sorted(rows, key=lambda r: (r["batch"], r["prompt_len"], order.get(r["key"], 99)))
 
 
 def markdown(doc: dict) -> str:
@@ -105,7 +111,7 @@ def plots(doc: dict, out_dir: str | Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    results = doc["results"]
+    results = result_rows(doc)
     engines = list(dict.fromkeys(r["engine"] for r in result_rows(doc)))
     made = []
 
