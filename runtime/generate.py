@@ -85,7 +85,10 @@ class _Buffers:
         logits_rows = batch * self.logits_len if self.shared else batch * chunk
         # With CUDA graphs the ids and logits live on the device too (a replayed graph reads and writes fixed
         # device addresses); otherwise they are host buffers ONNX Runtime copies from and into.
-        self.graph_id = _Buffers._graphs = _Buffers._graphs + 1 if session.cuda_graph else None
+        self.graph_id = None
+        if session.cuda_graph:
+            _Buffers._graphs += 1
+            self.graph_id = _Buffers._graphs
         io_device = session.device if session.cuda_graph else host
         self.logits = DeviceBuffer(io_device, "float32", logits_rows * c.vocab_size)
         self.ids = DeviceBuffer(io_device, "int64", batch * chunk)

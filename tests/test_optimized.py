@@ -174,3 +174,38 @@ def test_tied_embeddings_and_fp16(tmp_path):
     for dtype in ("float32", "float16"):
         out = export_model(str(ckpt), tmp_path / dtype, flavor="optimized", dtype=dtype, progress=False).output
         assert load_manifest(out).raw["validation"]["numeric"]["steps"][1]["ok"]
+
+
+def test_cuda_graph_bookkeeping_on_cpu(opt_last, monkeypatch):
+    """The CUDA-graph path's CPU side: decode steps run under one fixed graph id, prefill runs uncaptured,
+    and every decode step binds the same addresses and shapes (what a replayed graph needs)."""
+    from runtime.session import DecoderSession
+    with pytest.raises(DeployError, match="cuda_graph needs device cuda"):
+        Generator(opt_last, cuda_graph=True)
+    gen = Generator(opt_last)
+    want = [r.generated_ids for r in gen.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    gen.session.cuda_graph, gen._buffers = True, None  # as on CUDA; ONNX Runtime's CPU EP ignores the graph id
+    runs, binds = [], []
+    real_run = DecoderSession.run
+    real_in, real_out = DeviceBuffer.bind_input, DeviceBuffer.bind_output
+
+    def spy(session, binding, *, graph_id=None):
+        runs.append((graph_id, tuple(binds)))
+        binds.clear()
+        real_run(session, binding, graph_id=graph_id)
+
+    def record(real):
+        def bind(buf, binding, name, shape, offset=0):
+            binds.append((name, tuple(shape), buf._at(offset)))
+            real(buf, binding, name, shape, offset)
+        return bind
+
+    monkeypatch.setattr(DecoderSession, "run", spy)
+    monkeypatch.setattr(DeviceBuffer, "bind_input", record(real_in))
+    monkeypatch.setattr(DeviceBuffer, "bind_output", record(real_out))
+    got = [r.generated_ids for r in gen.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    assert got == want
+    graph_ids = [g for g, _ in runs]
+    assert graph_ids[:3] == [None] * 3 and len(runs) == 8  # 3 one-row prefills, 5 decode steps
+    assert len(set(graph_ids[3:])) == 1 and graph_ids[3] is not None
+    assert len({b for _, b in runs[3:]}) == 1  # every decode step: the same names, shapes and addresses
