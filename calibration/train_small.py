@@ -44,9 +44,9 @@ def is_heldout(relpath: str) -> bool:
 
 def corpus_split() -> tuple[list[Path], list[Path]]:
     """(train, held-out) corpus files, each sorted by relative path. The file walk is the demo tokenizer's."""
-    from export.demo_tokenizer import _corpus_files
+    from export.demo_tokenizer import corpus_files
     root = stdlib_root()
-    files = sorted(_corpus_files(0), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(corpus_files(0), key=lambda p: p.relative_to(root).as_posix())
     train = [p for p in files if not is_heldout(p.relative_to(root).as_posix())]
     heldout = [p for p in files if is_heldout(p.relative_to(root).as_posix())]
     return train, heldout

@@ -45,7 +45,7 @@ DEMO_CHAT_TEMPLATE = "".join([
 ])
 
 
-def _corpus_files(seed: int) -> list[Path]:
+def corpus_files(seed: int) -> list[Path]:
     """Stdlib docs first (pydoc's topic texts, .txt/.rst files), then .py sources in seeded order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
@@ -69,7 +69,7 @@ def _corpus_files(seed: int) -> list[Path]:
 
 def _corpus(seed: int, max_chars: int) -> Iterator[str]:
     total = 0
-    for path in _corpus_files(seed):
+    for path in corpus_files(seed):
         try:
             text = path.read_text(encoding="utf-8")[:MAX_FILE_CHARS]
         except (OSError, UnicodeDecodeError):
