@@ -29,7 +29,6 @@ BASE_VOCAB = 4000            # + Llama 3's 256 special tokens
 HELDOUT_PERMILLE = 50        # 5% of the corpus files are held out
 MAX_TRAIN_CHARS = 8_000_000  # ~2.4 M tokens: twice what the default run sees, so no text repeats
 MAX_HELDOUT_CHARS = 2_000_000
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def stdlib_root() -> Path:
@@ -54,20 +53,8 @@ def corpus_split() -> tuple[list[Path], list[Path]]:
 
 def read_texts(files: list[Path], *, max_chars: int) -> list[str]:
     """File texts in order (each capped like the tokenizer corpus), until `max_chars` in total."""
-    from export.demo_tokenizer import MAX_FILE_CHARS
-    texts, total = [], 0
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")[:MAX_FILE_CHARS]
-        except (OSError, UnicodeDecodeError):
-            continue  # binary test data and legacy encodings, as in the tokenizer corpus
-        text = text[: max_chars - total]
-        if text:
-            texts.append(text)
-            total += len(text)
-        if total >= max_chars:
-            break
-    return texts
+    from export.demo_tokenizer import read_corpus
+    return list(read_corpus(files, max_chars=max_chars))
 
 
 def token_stream(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -130,6 +117,7 @@ def train(output: str | Path, *, steps: int = 600, seed: int = 0, batch_size: in
     import transformers
 
     from export.demo_tokenizer import MAX_CORPUS_CHARS, build_demo_tokenizer
+    from export.pipeline import copy_tokenizer_files
     from export.weights import SafetensorsCheckpoint
     from llama3_deploy.config import load_config
     from llama3_deploy.errors import DeployError
@@ -242,8 +230,7 @@ def train(output: str | Path, *, steps: int = 600, seed: int = 0, batch_size: in
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         }
         with atomic_directory(output, overwrite=overwrite) as tmp:
-            for name in TOKENIZER_FILES:
-                shutil.copyfile(scratch / "tokenizer" / name, tmp / name)
+            copy_tokenizer_files(scratch / "tokenizer", tmp)
             model.save_pretrained(tmp, safe_serialization=True)
             load_config(tmp)  # the project's config reader and strict weight table must accept it
             SafetensorsCheckpoint(tmp)

@@ -68,8 +68,13 @@ def corpus_files(seed: int) -> list[Path]:
 
 
 def _corpus(seed: int, max_chars: int) -> Iterator[str]:
+    return read_corpus(corpus_files(seed), max_chars=max_chars)
+
+
+def read_corpus(files: list[Path], *, max_chars: int) -> Iterator[str]:
+    """File texts in order, each capped at MAX_FILE_CHARS, until `max_chars` in total; unreadable files skipped."""
     total = 0
-    for path in corpus_files(seed):
+    for path in files:
         try:
             text = path.read_text(encoding="utf-8")[:MAX_FILE_CHARS]
         except (OSError, UnicodeDecodeError):

@@ -98,8 +98,8 @@ class _quiet_exporter:
         logging.getLogger("torch.onnx").setLevel(self._level)
 
 
-_IR_DTYPES = {"int64": ir.DataType.INT64, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
-              "bfloat16": ir.DataType.BFLOAT16}
+IR_DTYPES = {"int64": ir.DataType.INT64, "uint8": ir.DataType.UINT8, "float32": ir.DataType.FLOAT,
+             "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
 def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
@@ -110,7 +110,7 @@ def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
         if got != want:
             raise RuntimeError(f"traced graph I/O {got} differs from the contract {want}")
         for v, spec in zip(values, specs):
-            if v.dtype != _IR_DTYPES[spec.dtype]:
+            if v.dtype != IR_DTYPES[spec.dtype]:
                 raise RuntimeError(f"{spec.name}: traced dtype {v.dtype}, contract {spec.dtype}")
             v.shape = ir.Shape(list(spec.shape))
 

@@ -25,14 +25,13 @@ from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
 
 from .model import rope_cos_sin
+from .onnx_export import IR_DTYPES as _IR
 from .quantize import (QuantSpec, gather_block_quantized_attributes, matmul_nbits_attributes, quantize_embedding,
-                       quantize_matrix)
-from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
+                       quantize_matrix, quantized_layout)
+from .weights import TORCH_DTYPES, WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
-_IR = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,
-       "int64": ir.DataType.INT64, "uint8": ir.DataType.UINT8}
 _NP = {"float32": np.float32, "float16": np.float16}
 
 
@@ -49,10 +48,10 @@ class _Weights:
         self.values: list[ir.Value] = []
         self._memo: tuple[str, object] | None = None  # the last quantized weight: its 2-3 tensors are written in a row
 
-    def fp32(self, *targets: str) -> torch.Tensor:
-        """Decoder parameters [in, out] in fp32, concatenated along the output axis (a fused projection)."""
-        parts = [target_tensor(self.source, self.table[t], torch.float32) for t in targets]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    def param(self, targets: tuple[str, ...], dtype: torch.dtype) -> np.ndarray:
+        """Decoder parameters [in, out] in `dtype`, concatenated along the output axis (a fused projection)."""
+        parts = [target_tensor(self.source, self.table[t], dtype) for t in targets]
+        return _np(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
 
     def add(self, name: str, dtype: str, shape: tuple[int, ...], fn: Callable[[], np.ndarray]) -> ir.Value:
         def make() -> ir.Tensor:
@@ -72,40 +71,23 @@ class _Weights:
         return self._memo[1]
 
     def vector(self, target: str) -> ir.Value:
-        e = self.table[target]
-        return self.add(target, self.dtype, e.target_shape,
-                        lambda: _np(target_tensor(self.source, e, torch.float32).to(_torch_dtype(self.dtype))))
+        return self.add(target, self.dtype, self.table[target].target_shape,
+                        lambda: self.param((target,), TORCH_DTYPES[self.dtype]))
+
+    def quantized(self, name: str, k: int, n: int, fn: Callable, *, embedding: bool = False) -> list[ir.Value]:
+        """The packed weight, scales and (asymmetric) zero points of one quantized tensor, computed once by
+        `fn` when the writer reaches the first of them."""
+        get = lambda: self._cached(name, fn)
+        return [self.add(f"{name}.{part}", self.dtype if kind == "scale" else kind, shape,
+                         lambda part=part: getattr(get(), part))
+                for part, (shape, kind) in quantized_layout(k, n, self.quant, embedding=embedding).items()]
 
     def linear(self, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool):
         """A [k, n] projection: (weight value, None) for MatMul, or (inputs, attributes) for MatMulNBits."""
         if self.quant is None or not quantize:
-            w = self.add(name, self.dtype, (k, n),
-                         lambda: _np(self.fp32(*targets).to(_torch_dtype(self.dtype))))
-            return [w], None
-        q, scale_dtype = self.quant, _NP[self.dtype]
-        get = lambda: self._cached(name, lambda: quantize_matrix(_np(self.fp32(*targets)), q, scale_dtype=scale_dtype))
-        blocks = k // q.block_size
-        inputs = [self.add(f"{name}.q{q.bits}", "uint8", (n, blocks, q.block_size * q.bits // 8),
-                           lambda: get().packed),
-                  self.add(f"{name}.scales", self.dtype, (n * blocks,), lambda: get().scales.reshape(-1))]
-        if not q.symmetric:
-            zp_dtype, zp_len = _zero_point_layout(q, blocks)
-            inputs.append(self.add(f"{name}.zero_points", zp_dtype if zp_dtype != "float" else self.dtype,
-                                   (n * zp_len,), lambda: get().zero_points.reshape(-1)))
-        return inputs, matmul_nbits_attributes(k, n, q)
-
-
-def _zero_point_layout(q: QuantSpec, blocks: int) -> tuple[str, int]:
-    """MatMulNBits zero points per output column: uint8 packed 8/bits per byte, or one float per block (4-bit
-    HQQ; ONNX Runtime's CPU kernel takes float zero points only for 4-bit weights, so 8-bit HQQ rounds them)."""
-    if q.method == "hqq" and q.bits == 4:
-        return "float", blocks
-    per_byte = 8 // q.bits
-    return "uint8", (blocks + per_byte - 1) // per_byte
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+            return [self.add(name, self.dtype, (k, n), lambda: self.param(targets, TORCH_DTYPES[self.dtype]))], None
+        fn = lambda: quantize_matrix(self.param(targets, torch.float32), self.quant, scale_dtype=_NP[self.dtype])
+        return self.quantized(name, k, n, fn), matmul_nbits_attributes(k, n, self.quant)
 
 
 def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +96,7 @@ def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarr
     pos = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
     cos, sin = rope_cos_sin(inv_freq, pos)  # [1, 1, P, D], halves repeated
     half = config.head_dim // 2
-    return (_np(cos[0, 0, :, :half].to(_torch_dtype(dtype))), _np(sin[0, 0, :, :half].to(_torch_dtype(dtype))))
+    return _np(cos[0, 0, :, :half].to(TORCH_DTYPES[dtype])), _np(sin[0, 0, :, :half].to(TORCH_DTYPES[dtype]))
 
 
 def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str = "last",
@@ -166,16 +148,9 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
 
     # Embedding: x [B, S, E]
     if quant is not None and quant.embedding:
-        e = w.table["embed"]
-        get = lambda: w._cached("embed", lambda: quantize_embedding(
-            _np(target_tensor(source, e, torch.float32)), quant, scale_dtype=_NP[dtype]))
-        probe = quantize_embedding(np.zeros((1, E), np.float32), quant, scale_dtype=_NP[dtype])  # shapes per row
-        parts = [w.add("embed.q", "uint8", (V, *probe.packed.shape[1:]), lambda: get().packed),
-                 w.add("embed.scales", dtype, (V, *probe.scales.shape[1:]), lambda: get().scales)]
-        if probe.zero_points is not None:
-            parts.append(w.add("embed.zero_points", "uint8", (V, *probe.zero_points.shape[1:]),
-                               lambda: get().zero_points))
-        x = tape.op("GatherBlockQuantized", [parts[0], ids, *parts[1:]], gather_block_quantized_attributes(quant),
+        fn = lambda: quantize_embedding(w.param(("embed",), torch.float32), quant, scale_dtype=_NP[dtype])
+        data, *rest = w.quantized("embed", E, V, fn, embedding=True)
+        x = tape.op("GatherBlockQuantized", [data, ids, *rest], gather_block_quantized_attributes(quant),
                     domain=MS_DOMAIN)
     else:
         x = tape.op("Gather", [w.vector("embed"), ids], {"axis": 0})

@@ -98,6 +98,20 @@ class QuantizedMatrix:
     zero_points: np.ndarray | None  # None when symmetric; uint8 [N, ceil(blocks * bits / 8)]; HQQ int4: float [N, blocks]
 
 
+def quantized_layout(k: int, n: int, spec: QuantSpec, *, embedding: bool = False) -> dict[str, tuple]:
+    """Shapes and kinds of the tensors `quantize_matrix` (or, with embedding=True for a [n, k] table,
+    `quantize_embedding`) returns for a [k, n] weight: {"packed" | "scales" | "zero_points": (shape, kind)},
+    kind "uint8" or "scale" (the scale dtype); no "zero_points" when symmetric. Lets a graph declare the
+    initializers before any weight is read."""
+    blocks, per_byte = k // spec.block_size, 8 // spec.bits
+    packed = (n, k * spec.bits // 8) if embedding else (n, blocks, spec.block_size // per_byte)
+    layout = {"packed": (packed, "uint8"), "scales": ((n, blocks), "scale")}
+    if not spec.symmetric:
+        float_zero = spec.method == "hqq" and spec.bits == 4 and not embedding  # see _hqq_columns
+        layout["zero_points"] = ((n, blocks), "scale") if float_zero else ((n, -(-blocks // per_byte)), "uint8")
+    return layout
+
+
 def matmul_nbits_attributes(k: int, n: int, spec: QuantSpec) -> dict:
     return {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}
 

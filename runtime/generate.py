@@ -93,10 +93,11 @@ class _Buffers:
         self.logits = DeviceBuffer(io_device, "float32", logits_rows * c.vocab_size)
         self.ids = DeviceBuffer(io_device, "int64", batch * chunk)
         self.ids_host = self.ids.host if self.ids.host is not None else np.zeros(batch * chunk, np.int64)
-        self.pos = DeviceBuffer(host, "int64", batch * chunk)
-        self.mask = DeviceBuffer(host, "int64", batch * capacity)       # full-length mask, per generation
-        self.mask_step = DeviceBuffer(host, "int64", batch * capacity)  # the contiguous [B, total] bound
-        self.mask_step.host.fill(1)
+        if not self.shared:  # the portable graph's positions and padding mask (the shared KV keeps its own lengths)
+            self.pos = DeviceBuffer(host, "int64", batch * chunk)
+            self.mask = DeviceBuffer(host, "int64", batch * capacity)       # full-length mask, per generation
+            self.mask_step = DeviceBuffer(host, "int64", batch * capacity)  # the contiguous [B, total] bound
+            self.mask_step.host.fill(1)
         self.binding = session.new_binding()
 
 

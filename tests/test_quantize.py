@@ -206,3 +206,15 @@ def test_post_init_type_errors(kwargs, needle):
 def test_from_json_refuses_unknown_keys():
     with pytest.raises(DeployError, match="group_size"):
         Q.QuantSpec.from_json({"bits": 4, "group_size": 32})
+
+
+@pytest.mark.parametrize("spec", [Q.QuantSpec(bits=4), Q.QuantSpec(bits=4, symmetric=True), Q.QuantSpec(bits=8),
+                                  Q.QuantSpec(bits=4, method="hqq"), Q.QuantSpec(bits=8, method="hqq", block_size=16)])
+def test_declared_layout_matches_quantized_tensors(spec):
+    w = np.random.default_rng(0).normal(0, 0.02, (256, 96)).astype(np.float32)
+    for q, embedding in ((Q.quantize_matrix(w, spec), False), (Q.quantize_embedding(w.T, spec), True)):
+        layout = Q.quantized_layout(256, 96, spec, embedding=embedding)
+        got = {part: getattr(q, part) for part in ("packed", "scales", "zero_points") if getattr(q, part) is not None}
+        assert set(got) == set(layout)
+        for part, (shape, kind) in layout.items():
+            assert got[part].shape == shape and (got[part].dtype == np.uint8) == (kind == "uint8"), part
