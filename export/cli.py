@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits", choices=contract.LOGITS_MODES, default=None,
                    help="positions the graph computes logits for (optimized only; default last: prefill runs the "
                         "head once); all is for scoring and perplexity")
+    p.add_argument("--argmax", action="store_true",
+                   help="optimized only: the graph also returns greedy ids (next_token, ArgMax over the vocabulary), "
+                        "so greedy decoding copies B ids to the host per step instead of B x V logits")
     q = p.add_argument_group("weight-only quantization (optimized flavor; ONNX Runtime MatMulNBits)")
     q.add_argument("--quantize", choices=("int8", "int4"), default=None, help="quantize projection weights")
     q.add_argument("--block-size", type=int, default=QuantSpec.block_size,
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                           method=args.quant_method, accuracy_level=args.accuracy_level,
                           lm_head=not args.no_quantize_lm_head, embedding=args.quantize_embedding)
     result = export_model(args.model, args.output, dtype=args.dtype, flavor=args.flavor, logits=args.logits,
-                          quantization=quant, validate_export=not args.no_validate,
+                          quantization=quant, argmax=args.argmax, validate_export=not args.no_validate,
                           overwrite=args.overwrite, seed=args.seed, tokenizer=args.tokenizer,
                           validate_max_bytes=int(args.validate_max_gib * (1 << 30)), progress=not args.quiet)
     print(result.summary())

@@ -100,11 +100,12 @@ def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarr
 
 
 def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str = "last",
-          quant: QuantSpec | None = None) -> ir.Model:
-    """The optimized decoder graph for `config`, its weights bound lazily to `source`."""
+          quant: QuantSpec | None = None, argmax: bool = False) -> ir.Model:
+    """The optimized decoder graph for `config`, its weights bound lazily to `source`; with argmax it also
+    returns the greedy ids (contract.NEXT_TOKEN)."""
     if dtype not in _NP:
         raise ValueError(f"the optimized flavor supports float32 and float16, not {dtype}")
-    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits)
+    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
     c = config
     E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     T = _IR[dtype]
@@ -203,6 +204,9 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         tape.op("Identity", [out], output=logits_value)
 
     graph_outputs = [logits_value]
+    if argmax:  # on the fp32 logits, so ties and rounding match a sampler reading those logits
+        graph_outputs.append(tape.op("ArgMax", [logits_value], {"axis": -1, "keepdims": 0},
+                                     output=ir.Value(name=contract.NEXT_TOKEN)))
     for i in range(c.num_hidden_layers):
         graph_outputs += [_find(tape, contract.present_key(i)), _find(tape, contract.present_value(i))]
     for v in graph_outputs:

@@ -35,6 +35,7 @@ class ExportResult:
         lines = [f"exported {m['source']['description']} -> {self.output}",
                  f"  {m['flavor']} graph (logits: {m['logits']}"
                  + (f", weights {QuantSpec.from_json(m['quantization']).label}" if m.get("quantization") else "")
+                 + (", in-graph argmax" if m.get("argmax") else "")
                  + f"), dtype {m['dtype']}, opset {m['opset']}, {m['config']['num_hidden_layers']} layers, "
                  f"{m['parameters'] / 1e6:,.1f} M parameters",
                  f"  files: model.onnx {human_bytes(m['files']['model.onnx'])}, "
@@ -62,20 +63,23 @@ def weight_bytes(config: LlamaConfig, dtype: str, *, layers: int | None = None) 
 
 @dataclasses.dataclass(frozen=True)
 class GraphOptions:
-    """Which graph to build: the flavor, the logits it computes, and weight-only quantization (optimized only)."""
+    """Which graph to build: the flavor, the logits it computes, weight-only quantization and in-graph greedy
+    ids (the last two optimized only)."""
 
     flavor: str = defaults.FLAVOR
     logits: str = "all"
     quantization: QuantSpec | None = None
+    argmax: bool = False
 
     def check(self, config: LlamaConfig, dtype: str) -> None:
         if self.flavor not in contract.FLAVORS:
             raise DeployError(f"unknown --flavor {self.flavor!r}; choose one of {', '.join(contract.FLAVORS)}")
         if self.logits not in contract.LOGITS_MODES:
             raise DeployError(f"unknown --logits {self.logits!r}; choose one of {', '.join(contract.LOGITS_MODES)}")
-        if self.flavor == "portable" and (self.logits != "all" or self.quantization is not None):
+        if self.flavor == "portable" and (self.logits != "all" or self.quantization is not None or self.argmax):
             raise DeployError("the portable flavor computes logits for every position and has no weight-only "
-                              "quantization (that is ONNX Runtime's MatMulNBits); use --flavor optimized")
+                              "quantization (that is ONNX Runtime's MatMulNBits) or in-graph argmax; "
+                              "use --flavor optimized")
         if self.flavor == "optimized" and dtype == "bfloat16":
             raise DeployError("the optimized flavor supports fp32 and fp16 (ONNX Runtime's CPU kernels for "
                               "GroupQueryAttention have no bfloat16)")
@@ -83,8 +87,11 @@ class GraphOptions:
             self.quantization.check(config)
 
     def to_json(self) -> dict:
-        return {"flavor": self.flavor, "logits": self.logits,
+        return {"flavor": self.flavor, "logits": self.logits, "argmax": self.argmax,
                 "quantization": self.quantization.to_json() if self.quantization else None}
+
+    def io(self, config: LlamaConfig, dtype: str) -> contract.DecoderIO:
+        return contract.decoder_io(config, dtype, flavor=self.flavor, logits=self.logits, argmax=self.argmax)
 
 
 def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, out_dir: Path, *,
@@ -99,7 +106,8 @@ def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: G
         total = onnx_export.attach_weights(model, source, config, dtype)
         expected = validate.portable_initializers(config, dtype)
     else:
-        model = optimized.build(source, config, dtype, logits=graph.logits, quant=graph.quantization)
+        model = optimized.build(source, config, dtype, logits=graph.logits, quant=graph.quantization,
+                                argmax=graph.argmax)
         t1 = time.perf_counter()
         total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
         expected = optimized.expected_initializers(model)
@@ -152,12 +160,12 @@ def _check_numerics(path: Path, source: WeightSource, config: LlamaConfig, dtype
     if graph.flavor == "portable":
         return validate.check_numerics(path, source, config, dtype, providers=providers)
     return validate.check_numerics_optimized(path, source, config, dtype, logits=graph.logits,
-                                             quant=graph.quantization, providers=providers)
+                                             quant=graph.quantization, argmax=graph.argmax, providers=providers)
 
 
 def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, tmp: Path,
               expected: dict, *, max_bytes: int, progress: bool) -> dict:
-    io = contract.decoder_io(config, dtype, flavor=graph.flavor, logits=graph.logits)
+    io = graph.io(config, dtype)
     structure = validate.check_structure(tmp / onnx_export.MODEL_FILE, io, expected)
     providers = validate.numeric_providers(dtype)
     if providers is None:
@@ -182,13 +190,16 @@ def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: Grap
 
 
 def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE, flavor: str = defaults.FLAVOR,
-                 logits: str | None = None, quantization: QuantSpec | None = None, validate_export: bool = True,
+                 logits: str | None = None, quantization: QuantSpec | None = None, argmax: bool = False,
+                 validate_export: bool = True,
                  overwrite: bool = False, seed: int = defaults.SEED, tokenizer: str | Path | None = None,
                  validate_max_bytes: int = defaults.VALIDATE_MAX_BYTES, progress: bool = True) -> ExportResult:
     """Export a checkpoint directory (or `random:PRESET`) to a validated ONNX decoder directory.
 
     flavor "portable" (standard ONNX ops) or "optimized" (ONNX Runtime contrib ops, in-place KV cache);
-    logits "all" or "last" (optimized only; its default); quantization: weight-only INT8/INT4 (optimized only).
+    logits "all" or "last" (optimized only; its default); quantization: weight-only INT8/INT4 (optimized only);
+    argmax: the graph also returns greedy ids (`next_token`), so greedy decoding copies ids, not logits
+    (optimized only).
 
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
@@ -197,7 +208,7 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
         dtype = contract.normalize_dtype(dtype)
     except ValueError as e:
         raise DeployError(str(e)) from None
-    graph = GraphOptions(flavor, logits or ("last" if flavor == "optimized" else "all"), quantization)
+    graph = GraphOptions(flavor, logits or ("last" if flavor == "optimized" else "all"), quantization, argmax)
     check_output_dir(output, overwrite=overwrite)
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
@@ -226,7 +237,7 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
                        "seed": None if isinstance(source, SafetensorsCheckpoint) else seed},
             "dtype": dtype, "opset": onnx_export.OPSET, "parameters": config.num_parameters(),
             "config": dataclasses.asdict(config),
-            "io": contract.decoder_io(config, dtype, flavor=graph.flavor, logits=graph.logits).to_json(),
+            "io": graph.io(config, dtype).to_json(),
             "files": files, "tokenizer_files": tokenizer_files, "tools": tool_versions(),
             "validation": validation, "timings": timings,
         }

@@ -254,12 +254,14 @@ def _bind(binding, name: str, array: np.ndarray, *, output: bool = False) -> Non
 
 
 def check_numerics_optimized(model_path: Path, source: WeightSource, config: LlamaConfig, dtype: str, *,
-                             logits: str, quant=None, providers: list[str] | None = None) -> dict:
+                             logits: str, quant=None, argmax: bool = False,
+                             providers: list[str] | None = None) -> dict:
     """Drive the optimized graph the way the runtime does, against the streamed fp32 reference.
 
     One shared [B, K, M, D] buffer per past/present pair, bound as both input and output; each row is
     prefilled alone (a one-row view of the buffers), then one decode step runs for the whole batch.
-    Compares logits and the cached keys/values (which hold rotated keys, like the reference's present).
+    Compares logits and the cached keys/values (which hold rotated keys, like the reference's present);
+    with argmax, the graph's greedy ids must equal the argmax of its own logits exactly.
     """
     import onnxruntime as ort
 
@@ -267,7 +269,7 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
     if quant is not None:
         tol = INT8_COMPUTE_TOLERANCE if quant.accuracy_level == 4 else tol
     ref_source = source if quant is None else DequantizedSource(source, quant)
-    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits)
+    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
     np_dtype = np.float32 if dtype == "float32" else np.float16
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -282,17 +284,23 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
     kv = [np.zeros((B, K, M, D), np_dtype) for _ in io.past_names]
     lengths_mask = np.zeros((B, M), np.int64)
     binding = session.io_binding()
+    argmax_mismatches = []
 
     def run(rows: slice, step_ids: np.ndarray) -> np.ndarray:
         n, s = step_ids.shape
         out = np.zeros((n, s if logits == "all" else 1, V), np.float32)
+        next_token = np.zeros(out.shape[:2], np.int64)
         _bind(binding, contract.INPUT_IDS, np.ascontiguousarray(step_ids))
         _bind(binding, contract.ATTENTION_MASK, lengths_mask[rows])
         for buf, p_name, o_name in zip(kv, io.past_names, io.present_names):
             _bind(binding, p_name, buf[rows])
             _bind(binding, o_name, buf[rows], output=True)  # the same memory: written in place
         _bind(binding, contract.LOGITS, out, output=True)
+        if argmax:
+            _bind(binding, contract.NEXT_TOKEN, next_token, output=True)
         session.run_with_iobinding(binding)
+        if argmax and not np.array_equal(next_token, out.argmax(-1)):
+            argmax_mismatches.append(f"rows {rows.start}..{rows.stop - 1}, {s} new tokens")
         return out
 
     prefill_logits = []
@@ -304,6 +312,9 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
         lengths_mask[r, lens[r]] = 1
     decode_logits = run(slice(0, B), next_ids)
     session = binding = None  # free ONNX Runtime before the reference runs
+    if argmax_mismatches:
+        raise ValidationError(f"{contract.NEXT_TOKEN} differs from the argmax of the graph's logits: "
+                              + "; ".join(argmax_mismatches))
 
     ref_prefill, ref_past = streamed_reference(ref_source, config, ids, mask, pos,
                                                [torch.zeros(B, K, 0, D) for _ in io.past_names])
@@ -322,6 +333,6 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
     steps = [_step_figures("prefill", S, prefill), _step_figures("decode", 1, decode)]
     figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
                "reference": ref_source.description, "providers": providers or ["CPUExecutionProvider"],
-               "steps": steps}
+               "steps": steps, **({"next_token": "equals argmax(logits) at every step"} if argmax else {})}
     _raise_on_failure(steps, dtype, tol)
     return figures

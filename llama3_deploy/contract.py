@@ -15,6 +15,8 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+NEXT_TOKEN = "next_token"  # optional (optimized flavor, --argmax): greedy ids, ArgMax of logits inside the graph
+HEAD_OUTPUTS = (LOGITS, NEXT_TOKEN)  # the outputs that are not KV cache
 
 # Symbolic axis names.
 BATCH = "batch_size"
@@ -99,7 +101,11 @@ class DecoderIO:
 
     @property
     def present_names(self) -> list[str]:
-        return [s.name for s in self.outputs[1:]]
+        return [s.name for s in self.outputs if s.name not in HEAD_OUTPUTS]
+
+    @property
+    def has_next_token(self) -> bool:
+        return any(s.name == NEXT_TOKEN for s in self.outputs)
 
     def to_json(self) -> dict:
         return {"inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.outputs]}
@@ -110,8 +116,10 @@ class DecoderIO:
                    tuple(TensorSpec.from_json(x) for x in d["outputs"]))
 
 
-def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", logits: str = "all") -> DecoderIO:
-    """The contract of the decoder graph for a config, a weight dtype, a flavor and a logits mode.
+def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", logits: str = "all",
+               argmax: bool = False) -> DecoderIO:
+    """The contract of the decoder graph for a config, a weight dtype, a flavor, a logits mode and whether the
+    graph also returns greedy ids.
 
     portable:  ids [B, S], mask [B, P+S] (0 = padding), positions [B, S], past [B, K, P, D] -> present [B, K, P+S, D]
     optimized: ids [B, S], mask [B, T] (T <= M; row b's count of ones is its length after this step, so
@@ -120,6 +128,8 @@ def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", log
                Our runtime binds T = M, so every decode step has the same shapes (CUDA graphs);
                onnxruntime-genai binds a growing T.
     logits:    [B, S, V] ("all") or [B, 1, V] ("last", optimized only), always fp32.
+    next_token (argmax, optimized only): [B, S] or [B, 1] int64, the ArgMax of logits over V (first index on
+               ties, like numpy), so greedy decoding copies B ids to the host instead of B x V logits.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
@@ -127,9 +137,13 @@ def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", log
         raise ValueError(f"unknown graph flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
     if logits not in LOGITS_MODES or (flavor == "portable" and logits != "all"):
         raise ValueError(f"logits mode {logits!r} is not available for the {flavor} flavor")
+    if argmax and flavor != "optimized":
+        raise ValueError("in-graph argmax (next_token) is available for the optimized flavor only")
     inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE))]
     logits_len: Dim = SEQUENCE if logits == "all" else 1
     outputs = [TensorSpec(LOGITS, LOGITS_DTYPE, (BATCH, logits_len, config.vocab_size))]
+    if argmax:
+        outputs.append(TensorSpec(NEXT_TOKEN, "int64", (BATCH, logits_len)))
     if flavor == "portable":
         kv_in = (BATCH, config.num_key_value_heads, PAST_SEQUENCE, config.head_dim)
         kv_out = (BATCH, config.num_key_value_heads, TOTAL_SEQUENCE, config.head_dim)

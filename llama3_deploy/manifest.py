@@ -37,6 +37,7 @@ class Manifest:
     logits: str                # "all" or "last": which positions the graph returns logits for
     quantization: dict | None  # the weight-only quantization spec (export.quantize.QuantSpec.to_json), if any
     io: contract.DecoderIO
+    argmax: bool = False       # the graph also returns greedy ids (contract.NEXT_TOKEN)
 
 
 def load_manifest(model_dir: str | Path) -> Manifest:
@@ -58,9 +59,11 @@ def load_manifest(model_dir: str | Path) -> Manifest:
         dtype = raw["dtype"]
         logits = raw.get("logits", "all")
         quantization = raw.get("quantization")
-        expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits)
+        argmax = bool(raw.get("argmax", False))
+        expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits, argmax=argmax)
     except (KeyError, TypeError, ValueError) as e:
         raise DeployError(f"{path} is malformed: {e}") from None
     if io != expected:
-        raise DeployError(f"{path}: its I/O contract does not match its config, dtype, flavor and logits mode")
-    return Manifest(path, raw, config, dtype, flavor, logits, quantization, io)
+        raise DeployError(f"{path}: its I/O contract does not match its config, dtype, flavor, logits mode and "
+                          "argmax")
+    return Manifest(path, raw, config, dtype, flavor, logits, quantization, io, argmax)

@@ -1,7 +1,8 @@
 """The token loop: chunked prefill, then one decode step at a time on bound device buffers.
 
 Per decode step the host writes B token ids, B positions and the mask row prefix, binds pointers,
-runs the graph, and samples from B x V last-position logits; no key/value data crosses to the host.
+runs the graph, and samples from B x V last-position logits (greedy on an --argmax export: reads back B ids);
+no key/value data crosses to the host.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ class _Buffers:
             self.graph_id = _Buffers._graphs
         io_device = session.device if session.cuda_graph else host
         self.logits = DeviceBuffer(io_device, "float32", logits_rows * c.vocab_size)
+        # In-graph greedy ids (exports with --argmax): always bound, so the graph never allocates an output.
+        self.next_token = (DeviceBuffer(io_device, "int64", logits_rows) if session.manifest.argmax else None)
         self.ids = DeviceBuffer(io_device, "int64", batch * chunk)
         self.ids_host = self.ids.host if self.ids.host is not None else np.zeros(batch * chunk, np.int64)
         if not self.shared:  # the portable graph's positions and padding mask (the shared KV keeps its own lengths)
@@ -227,7 +230,11 @@ class Generator:
         t0 = time.perf_counter()
         B, cap = len(rows), longest + params.max_new_tokens
         buf = self._prepare(B, cap)
-        logits = self._prefill_shared(buf, rows) if buf.shared else self._prefill_padded(buf, rows)
+        # Greedy without a repetition penalty is the argmax of the raw logits: with an --argmax export only
+        # the graph's ids are read back (B int64 per step instead of B x V fp32 logits).
+        ids_only = buf.next_token is not None and params.greedy and params.repetition_penalty == 1.0
+        logits = (self._prefill_shared(buf, rows, ids_only=ids_only) if buf.shared
+                  else self._prefill_padded(buf, rows))
         sampler = Sampler(params, B, c.vocab_size, prompts=rows)
         decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) if self.tokenizer else None
                     for _ in rows]
@@ -242,7 +249,7 @@ class Generator:
         tokens = np.zeros((B, 1), np.int64)  # every row is rewritten each step
         for step in range(params.max_new_tokens):
             for r in range(B):
-                tok = sampler(logits[r], r) if finish[r] is None else 0
+                tok = (int(logits[r]) if ids_only else sampler(logits[r], r)) if finish[r] is None else 0
                 tokens[r, 0] = tok
                 if finish[r] is not None:
                     continue
@@ -267,7 +274,7 @@ class Generator:
                 t_last = now
             if all(f is not None for f in finish):
                 break
-            logits = (self._step_shared(buf, tokens) if buf.shared
+            logits = (self._step_shared(buf, tokens, ids_only=ids_only) if buf.shared
                       else self._step(buf, tokens, next_pos + step, longest + step + 1))
         t_end = time.perf_counter()
         for r in range(B):  # flush what each row held back, unless a stop string already cut it
@@ -305,23 +312,26 @@ class Generator:
             logits = self._step(buf, prompt[:, lo:hi], positions[:, lo:hi], hi)
         return logits
 
-    def _prefill_shared(self, buf: _Buffers, rows: list[list[int]]) -> np.ndarray:
+    def _prefill_shared(self, buf: _Buffers, rows: list[list[int]], *, ids_only: bool = False) -> np.ndarray:
         """Optimized graph: each row prefilled alone into its slot (no padding), in chunks; a batch of equal
-        lengths that fits one chunk in one run. Last logits [B, V]."""
-        out = np.empty((len(rows), self.config.vocab_size), np.float32)
-        if len(rows) > 1 and len({len(ids) for ids in rows}) == 1 and len(rows[0]) <= buf.chunk:
-            out[:] = self._step_shared(buf, np.asarray(rows, np.int64))  # equal lengths, one chunk: one batch
+        lengths that fits one chunk in one run. Last logits [B, V], or with ids_only the greedy ids [B]."""
+        B = len(rows)
+        out = np.empty((B,) if ids_only else (B, self.config.vocab_size), np.int64 if ids_only else np.float32)
+        if B > 1 and len({len(ids) for ids in rows}) == 1 and len(rows[0]) <= buf.chunk:
+            out[:] = self._step_shared(buf, np.asarray(rows, np.int64), ids_only=ids_only)  # one batched run
             return out
         for r, ids in enumerate(rows):
             prompt = np.asarray(ids, np.int64)[None]
             for lo in range(0, prompt.shape[1], buf.chunk):
-                logits = self._step_shared(buf, prompt[:, lo:lo + buf.chunk], row=r)
-            out[r] = logits[0]
+                last = self._step_shared(buf, prompt[:, lo:lo + buf.chunk], row=r, ids_only=ids_only)
+            out[r] = last[0]
         return out
 
-    def _step_shared(self, buf: _Buffers, ids: np.ndarray, row: int | None = None, *, full: bool = False) -> np.ndarray:
+    def _step_shared(self, buf: _Buffers, ids: np.ndarray, row: int | None = None, *, full: bool = False,
+                     ids_only: bool = False) -> np.ndarray:
         """Optimized graph: `ids` [n, S] for one row (prefill) or all rows (decode, S = 1). Returns the last
-        position's logits [n, V], or with full=True all the graph computed [n, L, V]."""
+        position's logits [n, V], with full=True all the graph computed [n, L, V], or with ids_only the
+        graph's greedy ids for the last position [n] (the logits stay where they are)."""
         n, S = ids.shape
         V = self.config.vocab_size
         L = S if buf.logits_len > 1 else 1
@@ -330,9 +340,13 @@ class Generator:
         buf.ids.bind_input(buf.binding, contract.INPUT_IDS, (n, S))
         buf.kv.bind(buf.binding, S, row)
         buf.logits.bind_output(buf.binding, contract.LOGITS, (n, L, V))
+        if buf.next_token is not None:
+            buf.next_token.bind_output(buf.binding, contract.NEXT_TOKEN, (n, L))
         decode = row is None and S == 1
         self.session.run(buf.binding, graph_id=buf.graph_id if decode else None)  # only decode steps replay
         buf.kv.advance(S, row)
+        if ids_only:
+            return buf.next_token.download()[:n * L].reshape(n, L)[:, -1]
         logits = buf.logits.download()[:n * L * V].reshape(n, L, V)
         return logits if full else logits[:, -1]
 

@@ -9,6 +9,7 @@ import pytest
 
 from export.pipeline import export_model
 from export.quantize import QuantSpec
+from llama3_deploy import contract
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import load_manifest
 from runtime.generate import Generator
@@ -73,6 +74,36 @@ def test_equal_length_batch_prefills_together(opt_last, monkeypatch):
     assert calls[0] == ((3, 7), None)  # one prefill run for the three rows
 
 
+@pytest.fixture(scope="module")
+def opt_argmax(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory, "argmax", flavor="optimized", argmax=True)
+
+
+def test_in_graph_argmax_reads_ids_not_logits(opt_argmax, opt_last, tiny_checkpoint, monkeypatch):
+    m = load_manifest(opt_argmax)
+    assert m.argmax and m.io.has_next_token and not load_manifest(opt_last).io.has_next_token
+    assert m.io.outputs[1] == contract.TensorSpec(contract.NEXT_TOKEN, "int64", ("batch_size", 1))
+    assert m.io.present_names == load_manifest(opt_last).io.present_names  # the KV contract is unchanged
+    assert m.raw["validation"]["numeric"]["next_token"] == "equals argmax(logits) at every step"
+    gen, plain = Generator(opt_argmax, prefill_chunk=4), Generator(opt_last)
+    same_length = [PROMPTS[0], PROMPTS[0][::-1]]  # one batched prefill run
+    expected = [r.generated_ids for r in plain.generate(same_length, max_new_tokens=N, ignore_eos=True)]
+    sampled = [dict(temperature=0.8, top_k=20, seed=3), dict(repetition_penalty=1.3)]  # these need logits
+    expected_sampled = [plain.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True, **kw).generated_ids
+                        for kw in sampled]
+    ref = hf_greedy(tiny_checkpoint, PROMPTS, N)
+    downloads = []
+    real = DeviceBuffer.download
+    monkeypatch.setattr(DeviceBuffer, "download", lambda self: (downloads.append(self.dtype), real(self))[1])
+    assert [r.generated_ids for r in gen.generate(PROMPTS, max_new_tokens=N, ignore_eos=True)] == ref
+    assert [r.generated_ids for r in gen.generate(same_length, max_new_tokens=N, ignore_eos=True)] == expected
+    assert downloads and set(downloads) == {"int64"}  # greedy: only ids were read back, never logits
+    for kw, want in zip(sampled, expected_sampled):
+        downloads.clear()
+        assert gen.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True, **kw).generated_ids == want
+        assert "float32" in downloads
+
+
 def test_prompt_logits_match_transformers(opt_all, tiny_checkpoint):
     import torch
     ids = PROMPTS[0]
@@ -129,8 +160,10 @@ def test_quantized_exports_load_generate_and_stay_close(tiny_checkpoint, opt_all
         assert len(gen.generate(PROMPTS, max_new_tokens=5, ignore_eos=True)[2].generated_ids) == 5
 
 
-def test_onnxruntime_genai_runs_the_export(opt_last):
+@pytest.mark.parametrize("which", ["opt_last", "opt_argmax"])  # genai leaves the extra next_token output alone
+def test_onnxruntime_genai_runs_the_export(which, request):
     og = pytest.importorskip("onnxruntime_genai")
+    opt_last = request.getfixturevalue(which)
     prompt = PROMPTS[0]
     model = og.Model(str(opt_last))
     params = og.GeneratorParams(model)
@@ -151,6 +184,7 @@ def test_onnxruntime_genai_runs_the_export(opt_last):
     (dict(flavor="optimized", quantization=QuantSpec(bits=4, block_size=48)), "power of two"),
     (dict(flavor="optimized", quantization=QuantSpec(bits=3)), "bits 3"),
     (dict(flavor="optimized", dtype="bf16"), "fp32 and fp16"),
+    (dict(argmax=True), "or in-graph argmax; use --flavor optimized"),
 ])
 def test_bad_graph_options(tiny_checkpoint, tmp_path, kwargs, message):
     with pytest.raises(DeployError, match=message.replace("(", r"\(")):
@@ -176,10 +210,12 @@ def test_tied_embeddings_and_fp16(tmp_path):
         assert load_manifest(out).raw["validation"]["numeric"]["steps"][1]["ok"]
 
 
-def test_cuda_graph_bookkeeping_on_cpu(opt_last, monkeypatch):
+@pytest.mark.parametrize("which", ["opt_last", "opt_argmax"])
+def test_cuda_graph_bookkeeping_on_cpu(which, request, monkeypatch):
     """The CUDA-graph path's CPU side: decode steps run under one fixed graph id, prefill runs uncaptured,
     and every decode step binds the same addresses and shapes (what a replayed graph needs)."""
     from runtime.session import DecoderSession
+    opt_last = request.getfixturevalue(which)
     with pytest.raises(DeployError, match="cuda_graph needs device cuda"):
         Generator(opt_last, cuda_graph=True)
     gen = Generator(opt_last)
