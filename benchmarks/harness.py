@@ -276,6 +276,14 @@ def add_pytorch_ratios(results: list[dict], reference_kind: str = "torch-eager")
             continue
         r["ratio_to_pytorch"] = {"ttft": r["ttft_ms"] / ref["ttft_ms"], "tpot_p50": r["tpot_ms"]["p50"] / ref["tpot_ms"]["p50"],
                                  "peak_rss": r["peak_rss_bytes"] / ref["peak_rss_bytes"]}
+        # Paired by round (engines share each round, so they share its machine noise): in how many rounds
+        # this engine was faster than PyTorch.
+        pairs = list(zip(r.get("rounds") or [], ref.get("rounds") or [])) if r is not ref else []
+        r["rounds_faster_than_pytorch"] = {
+            "ttft": sum(a["ttft_ms"] < b["ttft_ms"] for a, b in pairs),
+            "tpot_p50": sum(a["tpot_p50_ms"] is not None and b["tpot_p50_ms"] is not None
+                            and a["tpot_p50_ms"] < b["tpot_p50_ms"] for a, b in pairs),
+            "rounds": len(pairs)}
         a, b = r["tokens_first_row"], ref["tokens_first_row"]
         r["tokens_equal_pytorch"] = sum(x == y for x, y in zip(a, b)) / max(len(b), 1)
 

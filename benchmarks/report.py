@@ -21,6 +21,10 @@ def _ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _wins(wins: dict | None, key: str) -> str:
+    return f" ({wins[key]}/{wins['rounds']})" if wins and wins.get("rounds") else ""
+
+
 def result_rows(doc: dict) -> list[dict]:
     """Results ordered by cell (batch, then prompt length) and engine order of the run. Engines that share a
     name (one peer at several precisions) are told apart by their precision."""
@@ -61,7 +65,8 @@ def markdown(doc: dict) -> str:
         f"Floor (measured in this run): bandwidth {fl['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (copy, read + write), "
         f"matmul {fl['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({fl['matmul_dtype']}). TPOT floor = (weights once + KV "
         f"cache at the mean context) / bandwidth; TTFT floor = max(prefill FLOPs / matmul rate, weight bytes / "
-        f"bandwidth). x floor and x PyTorch are ratios of time (lower is better; 1.00x = at the floor).",
+        f"bandwidth). x floor and x PyTorch are ratios of time (lower is better; 1.00x = at the floor); "
+        f"(k/n) after x PyTorch: the rounds, of n, in which the engine was faster than PyTorch in that same round.",
         "",
     ]
     head = ["Engine", "Prec.", "Prompt", "Batch", "TTFT ms", "TTFT floor", "x floor", "TPOT p50", "p90", "p99",
@@ -76,7 +81,8 @@ def markdown(doc: dict) -> str:
                _f(r["tpot_ms"]["p90"], 2), _f(r["tpot_ms"]["p99"], 2), _f(f.get("tpot_floor_ms"), 2),
                _ratio(rf.get("tpot_p50")), _f(r["tokens_per_s"]), _gib(r["peak_rss_bytes"])]
         row += [_gib(r.get("peak_device_bytes"))] if dev_mem else []
-        row += [_ratio(rp.get("ttft")), _ratio(rp.get("tpot_p50"))]
+        wins = r.get("rounds_faster_than_pytorch")
+        row += [_ratio(rp.get("ttft")) + _wins(wins, "ttft"), _ratio(rp.get("tpot_p50")) + _wins(wins, "tpot_p50")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Engines (versions as run):", ""]
     for e in doc["engines"]:

@@ -84,6 +84,19 @@ def test_summary_is_the_median_over_rounds():
     assert len(s["rounds"]) == 3
 
 
+def test_rounds_faster_than_pytorch_are_paired_by_round():
+    def result(kind, ttfts, tpots):
+        return {"kind": kind, "prompt_len": 8, "batch": 1, "ttft_ms": sorted(ttfts)[1], "tpot_ms": {"p50": 1.0},
+                "peak_rss_bytes": 1, "tokens_first_row": [1],
+                "rounds": [{"ttft_ms": a, "tpot_p50_ms": b} for a, b in zip(ttfts, tpots)]}
+    ref, ours = result("torch-eager", [10, 20, 30], [5, 5, 5]), result("ort", [9, 25, 29], [4, 6, None])
+    H.add_pytorch_ratios([ref, ours])
+    assert ours["rounds_faster_than_pytorch"] == {"ttft": 2, "tpot_p50": 1, "rounds": 3}
+    assert ref["rounds_faster_than_pytorch"]["rounds"] == 0  # not compared with itself
+    from benchmarks.report import _wins
+    assert _wins(ours["rounds_faster_than_pytorch"], "ttft") == " (2/3)" and _wins(ref["rounds_faster_than_pytorch"], "ttft") == ""
+
+
 # --- end to end on a tiny checkpoint -----------------------------------------------------------------
 RESULT_FIELDS = ("engine", "version", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_rss_bytes", "peak_rss_generate_bytes",
                  "floor", "ratio_to_floor", "ratio_to_pytorch", "raw", "prompt_len", "batch", "dtype")
@@ -105,6 +118,7 @@ def _check_doc(doc: dict, kinds: set[str], cells: set[tuple[int, int]], reps: in
         assert r["tokens_equal_pytorch"] == 1.0  # same fp32 weights, greedy: the same tokens
     ref = [r for r in doc["results"] if r["kind"] == "torch-eager"]
     assert all(r["ratio_to_pytorch"]["ttft"] == 1.0 for r in ref)
+    assert all(r["rounds_faster_than_pytorch"]["rounds"] == (0 if r in ref else reps) for r in doc["results"])
 
 
 def test_bench_end_to_end(tiny_checkpoint, work, tmp_path):
