@@ -177,7 +177,8 @@ def inspect_model(model_dir: str | Path) -> dict:
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         info["export"] = {"dtype": m.get("dtype"), "flavor": m.get("flavor"), "opset": m.get("opset"),
-                          "source": m.get("source", {}).get("description")}
+                          "logits": m.get("logits", "all"), "quantization": m.get("quantization"),
+                          "argmax": bool(m.get("argmax")), "source": m.get("source", {}).get("description")}
     return info
 
 
@@ -200,5 +201,8 @@ def run_inspect(args) -> int:
     print(f"  bos {info['bos_id']}, eos {info['eos_ids']}")
     if "export" in info:
         e = info["export"]
-        print(f"  export: {e['flavor']} graph, {e['dtype']}, opset {e['opset']}, from {e['source']}")
+        q = e["quantization"]
+        print(f"  export: {e['flavor']} graph, {e['dtype']}, logits {e['logits']}"
+              + (f", int{q['bits']} weights (block {q['block_size']}, {q['method']})" if q else "")
+              + (", in-graph argmax" if e["argmax"] else "") + f", opset {e['opset']}, from {e['source']}")
     return 0

@@ -67,7 +67,7 @@ def test_inspect(tiny_export, tiny_checkpoint, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 2 and info["kv_heads"] == 2 and info["eos_ids"] == [1, 2, 3]
     assert main(["inspect", "--model", str(tiny_export)]) == 0
-    assert "export: portable graph, float32" in capsys.readouterr().out
+    assert "export: portable graph, float32, logits all, opset" in capsys.readouterr().out
 
 
 def test_inspect_real_configs(shared_dir, capsys):

@@ -79,7 +79,10 @@ def opt_argmax(tiny_checkpoint, tmp_path_factory):
     return _export(tiny_checkpoint, tmp_path_factory, "argmax", flavor="optimized", argmax=True)
 
 
-def test_in_graph_argmax_reads_ids_not_logits(opt_argmax, opt_last, tiny_checkpoint, monkeypatch):
+def test_in_graph_argmax_reads_ids_not_logits(opt_argmax, opt_last, tiny_checkpoint, monkeypatch, capsys):
+    from llama3_deploy.cli import main
+    assert main(["inspect", "--model", str(opt_argmax)]) == 0
+    assert "export: optimized graph, float32, logits last, in-graph argmax" in capsys.readouterr().out
     m = load_manifest(opt_argmax)
     assert m.argmax and m.io.has_next_token and not load_manifest(opt_last).io.has_next_token
     assert m.io.outputs[1] == contract.TensorSpec(contract.NEXT_TOKEN, "int64", ("batch_size", 1))
