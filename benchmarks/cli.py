@@ -98,32 +98,37 @@ def git_info() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def _build_key(kind: str, variant: str) -> str:
+    """The `builds` entry of an engine: ours and genai have one build per variant/precision, the others one."""
+    return f"{kind}-{variant}" if kind in ("ort", "genai") else kind
+
+
 def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, compile_backend, compile_max_cache_len,
-           genai_precisions=()):
+           genai_precisions):
     from .harness import EngineSpec
     specs = []
     for kind in kinds:
         if kind == "ort":
             # optimized exports on CUDA replay a captured decode step (CUDA graphs)
-            specs += [EngineSpec("ort", builds[f"ort-{d}"]["path"], device, d, threads, label=f"ort:{d}",
+            specs += [EngineSpec("ort", builds[_build_key("ort", d)]["path"], device, d, threads, label=f"ort:{d}",
                                  options={"cuda_graph": True} if device.startswith("cuda") and d.startswith("opt-")
                                  else {})
-                      for d in ort_dtypes if f"ort-{d}" in builds]
-        elif kind == "genai" and genai_precisions:
+                      for d in ort_dtypes if _build_key("ort", d) in builds]
+        elif kind == "genai":
             python = str(Path(genai_python).absolute())
-            specs += [EngineSpec("genai", builds[f"genai-{p}"]["path"], device, p, threads, label=f"genai:{p}",
-                                 python=python) for p in genai_precisions if f"genai-{p}" in builds]
+            specs += [EngineSpec("genai", builds[_build_key("genai", p)]["path"], device, p, threads,
+                                 label=f"genai:{p}", python=python)
+                      for p in genai_precisions if _build_key("genai", p) in builds]
         elif kind in builds:
-            python = genai_python if kind == "genai" else sys.executable
             opts = ({"backend": compile_backend, "max_cache_len": compile_max_cache_len}
                     if kind == "torch-compile" else {})
             specs.append(EngineSpec(kind, builds[kind]["path"], device, dtype, threads, label=f"{kind}:{dtype}",
-                                    python=str(Path(python).absolute()) if kind == "genai" else python, options=opts))
+                                    python=sys.executable, options=opts))
     return specs
 
 
 def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes: list[str], device: str, seed: int,
-            genai_python: str, genai_precisions: list[str] = (), log=print) -> tuple[dict, list[dict]]:
+            genai_python: str, genai_precisions: list[str], log=print) -> tuple[dict, list[dict]]:
     """Build (or reuse) every artifact; returns ({name: build info}, [{engine, reason} that cannot run])."""
     from .peers import artifacts as A
     work.mkdir(parents=True, exist_ok=True)
@@ -133,20 +138,18 @@ def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes:
     log(f"checkpoint: {ckpt} ({builds['checkpoint']['seconds']} s)")
     steps = []
     if "ort" in kinds:
-        steps += [(f"ort-{d}", f"llama3-deploy ort ({d})", lambda d=d: A.ours(ckpt, work, variant=d)) for d in ort_dtypes]
+        steps += [(_build_key("ort", d), f"llama3-deploy ort ({d})", lambda d=d: A.ours(ckpt, work, variant=d))
+                  for d in ort_dtypes]
     for kind in ("torch-eager", "torch-compile"):
         if kind in kinds:
             builds[kind] = {"path": ckpt, "command": None, "seconds": 0.0, "cached": True}
     if "optimum" in kinds:
         steps.append(("optimum", "optimum ORTModelForCausalLM",
                       lambda: A.optimum(ckpt, work, dtype=dtype, device=device)))
-    if "genai" in kinds and genai_precisions:
-        steps += [(f"genai-{p}", f"onnxruntime-genai ({p})",
+    if "genai" in kinds:
+        steps += [(_build_key("genai", p), f"onnxruntime-genai ({p})",
                    lambda p=p: A.genai(ckpt, work, dtype=p, python=genai_python, device=device))
                   for p in genai_precisions]
-    elif "genai" in kinds:
-        steps.append(("genai", "onnxruntime-genai",
-                      lambda: A.genai(ckpt, work, dtype=dtype, python=genai_python, device=device)))
     for name, engine, build in steps:
         try:
             builds[name] = build()
@@ -177,7 +180,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     t_start = time.perf_counter()
     kinds = [k.strip() for k in engines.split(",") if k.strip()]
     ort_list = [d.strip() for d in (ort_dtypes or dtype).split(",") if d.strip()]
-    genai_list = [p.strip() for p in (genai_precisions or "").split(",") if p.strip()]
+    genai_list = [p.strip() for p in (genai_precisions or dtype).split(",") if p.strip()]
     work = Path(work_dir).resolve()
     machine = machine_info(device)
     git = git_info()  # the tree as the run starts
@@ -216,7 +219,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
         seen.setdefault(r["key"], r)
     engine_list = []
     for s in specs:
-        b = builds.get(s.kind if s.kind != "ort" else f"ort-{s.dtype}", {})
+        b = builds.get(_build_key(s.kind, s.dtype), {})
         first = seen.get(s.key)
         engine_list.append({"key": s.key, "kind": s.kind, "engine": first["engine"] if first else s.key,
                             "version": first["version"] if first else None, "dtype": s.dtype, "device": s.device,

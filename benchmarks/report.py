@@ -118,7 +118,7 @@ def plots(doc: dict, out_dir: str | Path, stem: str) -> list[Path]:
 
     out_dir = Path(out_dir)
     results = result_rows(doc)
-    engines = list(dict.fromkeys(r["engine"] for r in result_rows(doc)))
+    engines = list(dict.fromkeys(r["engine"] for r in results))
     made = []
 
     def series(engine, batch=None, prompt=None):

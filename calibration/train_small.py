@@ -45,10 +45,9 @@ def corpus_split() -> tuple[list[Path], list[Path]]:
     """(train, held-out) corpus files, each sorted by relative path. The file walk is the demo tokenizer's."""
     from export.demo_tokenizer import corpus_files
     root = stdlib_root()
-    files = sorted(corpus_files(0), key=lambda p: p.relative_to(root).as_posix())
-    train = [p for p in files if not is_heldout(p.relative_to(root).as_posix())]
-    heldout = [p for p in files if is_heldout(p.relative_to(root).as_posix())]
-    return train, heldout
+    files = sorted((p.relative_to(root).as_posix(), p) for p in corpus_files(0))
+    held = [is_heldout(rel) for rel, _ in files]
+    return [p for (_, p), h in zip(files, held) if not h], [p for (_, p), h in zip(files, held) if h]
 
 
 def read_texts(files: list[Path], *, max_chars: int) -> list[str]:

@@ -122,7 +122,6 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         return ir.Value(name=spec.name, type=ir.TensorType(_IR[spec.dtype]), shape=ir.Shape(list(spec.shape)))
 
     inputs = [value(s) for s in io.inputs]
-    outputs = {s.name: s for s in io.outputs}
     ids, mask = inputs[0], inputs[1]
     past = dict(zip(io.past_names, inputs[2:]))
 
@@ -165,6 +164,7 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
     normed = tape.op("Cast", [normed], {"to": T}) if dtype != "float32" else normed
     h = tape.op("Mul", [normed, w.vector("layers.0.attn_norm.weight")])
     residual, prev = x, None
+    presents: list[ir.Value] = []  # present key, value per layer: the graph outputs after the head's
 
     gqa_attrs = {"num_heads": c.num_attention_heads, "kv_num_heads": c.num_key_value_heads,
                  "scale": 1.0 / math.sqrt(D), "do_rotary": 1, "rotary_interleaved": 0, "local_window_size": -1}
@@ -179,6 +179,7 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
             "GroupQueryAttention", [qkv, None, None, past[contract.past_key(i)], past[contract.past_value(i)],
                                     seqlens_k, total_len, cos_cache, sin_cache],
             gqa_attrs, outputs=[ir.Value(name=f"{p}attn.out"), k_out, v_out], domain=MS_DOMAIN)
+        presents += [k_out, v_out]
         o = matmul(attn, p + "attn.wo", (p + "attn.wo",), c.q_size, E)
         h, residual = skip_norm(o, residual, w.vector(p + "mlp_norm.weight"))
         gu = matmul(h, p + "mlp.w_gate_up", (p + "mlp.w_gate", p + "mlp.w_up"), E, 2 * I)
@@ -207,22 +208,14 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
     if argmax:  # on the fp32 logits, so ties and rounding match a sampler reading those logits
         graph_outputs.append(tape.op("ArgMax", [logits_value], {"axis": -1, "keepdims": 0},
                                      output=ir.Value(name=contract.NEXT_TOKEN)))
-    for i in range(c.num_hidden_layers):
-        graph_outputs += [_find(tape, contract.present_key(i)), _find(tape, contract.present_value(i))]
-    for v in graph_outputs:
-        spec = outputs[v.name]
+    graph_outputs += presents
+    for v, spec in zip(graph_outputs, io.outputs, strict=True):  # the contract's order, types and axes
+        if v.name != spec.name:
+            raise RuntimeError(f"graph output {v.name} where the contract has {spec.name}")
         v.type, v.shape = ir.TensorType(_IR[spec.dtype]), ir.Shape(list(spec.shape))
     graph = ir.Graph(inputs, graph_outputs, nodes=tape.nodes, initializers=w.values,
                      opset_imports={"": OPSET, MS_DOMAIN: 1}, name="llama3_decoder_optimized")
     return ir.Model(graph, ir_version=10, producer_name="llama3-deploy")
-
-
-def _find(tape: ir.tape.Tape, name: str) -> ir.Value:
-    for node in tape.nodes:
-        for v in node.outputs:
-            if v.name == name:
-                return v
-    raise RuntimeError(f"graph output {name} was not produced")
 
 
 def expected_initializers(model: ir.Model) -> dict[str, tuple[tuple[int, ...], int]]:

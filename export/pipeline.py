@@ -95,8 +95,9 @@ class GraphOptions:
 
 
 def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, out_dir: Path, *,
-                 progress: bool, desc: str) -> dict:
-    """Build or trace the graph, then stream its weights to disk. Returns timings and the weights' layout."""
+                 progress: bool, desc: str) -> tuple[dict, dict]:
+    """Build or trace the graph, then stream its weights to disk. Returns (timings, the weights' layout for
+    validate.check_structure)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: G
         expected = optimized.expected_initializers(model)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
         onnx_export.save(model, out_dir, progress=bar.update)
-    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1, "expected": expected}
+    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}, expected
 
 
 def _copy_side_files(source: WeightSource, tmp: Path, tokenizer_dir: Path | None) -> list[str]:
@@ -218,8 +219,8 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     graph.check(config, dtype)
     t0 = time.perf_counter()
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        timings = _write_graph(source, config, dtype, graph, tmp, progress=progress, desc="writing weights")
-        expected = timings.pop("expected")
+        timings, expected = _write_graph(source, config, dtype, graph, tmp, progress=progress,
+                                         desc="writing weights")
         tokenizer_files = _copy_side_files(source, tmp, tokenizer_dir)
         if graph.flavor == "optimized":
             genai.write_genai_config(tmp, config)

@@ -221,11 +221,11 @@ class DequantizedSource:
     def __init__(self, source: WeightSource, spec):
         self.source, self.spec, self.config = source, spec, source.config
         self.description = f"{source.description}, dequantized {spec.label}"
-        quantized = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down"}
-        self.linear = {e.source for e in name_table(source.config) if e.target.split(".", 2)[-1] in quantized}
-        if spec.lm_head:
-            self.linear.add("lm_head.weight")
-        self.embedding = {"model.embed_tokens.weight"} if spec.embedding else set()
+        table = name_table(source.config)
+        self.shapes = {e.source: e.source_shape for e in table}
+        # The table's transposed entries are the Linear weights: every projection, and the head unless tied.
+        self.linear = {e.source for e in table if e.transpose and (spec.lm_head or e.target != "lm_head")}
+        self.embedding = {e.source for e in table if e.target == "embed"} if spec.embedding else set()
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         from .quantize import dequantize_embedding, dequantize_matrix, quantize_embedding, quantize_matrix
@@ -242,7 +242,7 @@ class DequantizedSource:
         return rows
 
     def get(self, name: str) -> torch.Tensor:
-        shape = next(e.source_shape for e in name_table(self.config) if e.source == name)
+        shape = self.shapes[name]
         return self.get_rows(name, 0, shape[0]) if len(shape) == 2 else self.source.get(name)
 
 

@@ -18,7 +18,7 @@ from llama3_deploy.errors import DeployError
 
 from .chat import ChatFormat
 from .sampling import Sampler, SamplingParams
-from .session import DecoderSession, Device, DeviceBuffer
+from .session import DecoderSession, Device, DeviceBuffer, SharedKV
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill run; bounds the logits buffer to B x chunk x V
@@ -79,9 +79,9 @@ class _Buffers:
     def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
         c = session.config
         self.batch, self.capacity, self.chunk = batch, capacity, chunk
-        self.shared = session.manifest.flavor == "optimized"  # in-place KV; rows prefilled one at a time
-        self.logits_len = chunk if session.manifest.logits == "all" else 1  # logits positions per prefill run
         self.kv = session.kv_cache(batch, capacity)
+        self.shared = isinstance(self.kv, SharedKV)  # in-place KV; rows prefilled one at a time
+        self.logits_len = chunk if session.manifest.logits == "all" else 1  # logits positions per prefill run
         host = Device("cpu")
         logits_rows = batch * self.logits_len if self.shared else batch * chunk
         # With CUDA graphs the ids and logits live on the device too (a replayed graph reads and writes fixed

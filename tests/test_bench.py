@@ -107,6 +107,7 @@ def _check_doc(doc: dict, kinds: set[str], cells: set[tuple[int, int]], reps: in
         assert doc[key], key
     assert "random" in doc["weights"] and doc["machine"]["cpus"] >= 1 and doc["git"]["commit"]
     assert {r["kind"] for r in doc["results"]} == kinds
+    assert all(e["artifact"] for e in doc["engines"])  # every engine names what it ran (genai included)
     assert {(r["prompt_len"], r["batch"]) for r in doc["results"]} == cells
     for r in doc["results"]:
         for f in RESULT_FIELDS:
