@@ -1,4 +1,4 @@
-"""`python -m benchmarks ...`: the same as `llama3-deploy bench ...`."""
+"""`python -m llama3_deploy.benchmarks ...`: the same as `llama3-deploy bench ...`."""
 import sys
 
 from .cli import main

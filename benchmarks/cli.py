@@ -1,4 +1,4 @@
-"""`llama3-deploy bench` (also `python -m benchmarks`): latency and memory of this project's runtime
+"""`llama3-deploy bench` (also `python -m llama3_deploy.benchmarks`): latency and memory of this project's runtime
 against PyTorch and peers on one checkpoint, each result beside its physical floor.
 
     llama3-deploy bench --model random:llama3-cpu-bench --engines ort,torch-eager,optimum,genai \
@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from llama3_deploy.cli import command
 
 DEFAULT_ENGINES = "ort,torch-eager,optimum,genai"
 DEFAULT_CELLS = "128x1,512x1,2048x1,128x4,128x8"
@@ -27,7 +26,6 @@ GENAI_PYTHON = "benchmarks/.venv-genai/bin/python"
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-@command("bench", "benchmark the runtime against PyTorch and peers (latency, memory, physical floor)")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="random:llama3-cpu-bench", help="checkpoint directory or random:PRESET")
     p.add_argument("--dtype", default="float32", choices=sorted(SHORT), help="precision of the checkpoint and engines")
@@ -276,11 +274,11 @@ def _command_line() -> str:
     """How this run was started, as a user would type it."""
     argv = list(sys.argv)
     if not argv or not argv[0]:
-        return "benchmarks.cli.bench(...)"
+        return "llama3_deploy.benchmarks.cli.bench(...)"
     if argv[0].endswith(os.path.join("benchmarks", "gpu.py")):
-        argv[0:1] = ["python3", "-m", "benchmarks.gpu"]
+        argv[0:1] = ["python3", "-m", "llama3_deploy.benchmarks.gpu"]
     elif argv[0].endswith("__main__.py"):
-        argv[0:1] = ["python", "-m", "benchmarks"]
+        argv[0:1] = ["python", "-m", "llama3_deploy.benchmarks"]
     elif Path(argv[0]).name in ("llama3-deploy", "__main__.py", "cli.py"):
         argv[0] = "llama3-deploy"
     else:
@@ -299,7 +297,7 @@ def _artifact_note(kind: str, build: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llama3_deploy.benchmarks", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     return int(args.run(args) or 0)

@@ -48,7 +48,7 @@ class OrtEngine:
 
     def __init__(self, export_dir: str | Path, *, device: str = "cpu", threads: int = 0, label: str | None = None,
                  cuda_graph: bool = False):
-        from runtime.generate import Generator
+        from llama3_deploy.runtime.generate import Generator
         self.gen = Generator(export_dir, device=device, threads=threads, cuda_graph=cuda_graph)
         m = self.gen.session.manifest
         # Weight-only quantized exports are named by their weights (int8/int4), which is what sets their floor.
@@ -57,7 +57,7 @@ class OrtEngine:
         self.version = f"llama3-deploy {_version('llama3-deploy')}, {_ort_version()}"
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
-        from runtime.sampling import SamplingParams
+        from llama3_deploy.runtime.sampling import SamplingParams
         results = self.gen.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         return Timing(results[0].ttft_ms, results[0].step_ms, [r.generated_ids for r in results])
 

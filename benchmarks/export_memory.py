@@ -1,6 +1,6 @@
 """Measure peak RSS and wall time of `llama3-deploy export` on a full-size checkpoint.
 
-    python -m benchmarks.export_memory --checkpoint /tmp/llama3-8b-random --output /tmp/llama3-8b-onnx \
+    python -m llama3_deploy.benchmarks.export_memory --checkpoint /tmp/llama3-8b-random --output /tmp/llama3-8b-onnx \
         --dtype float16 --result benchmarks/results/export-8b-fp16.json
 
 The export runs as a child process; its peak RSS is the kernel's ru_maxrss for that child.

@@ -11,15 +11,15 @@ and writes the full JSON (+ Markdown, PNGs, build and worker logs) under $OUT.
 2. One device call, the install line the script printed, then this module:
      cat .whl/part-*/ort-gpu.* > .whl/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl \
        && python3 -m pip install -q --no-index --no-deps --no-compile --target .whl/site .whl/onnxruntime_gpu-*.whl \
-       && export PYTHONPATH=$PWD/.whl/site:${PYTHONPATH:-} && python3 -m benchmarks.gpu --out $OUT
+       && export PYTHONPATH=$PWD/.whl/site:${PYTHONPATH:-} && python3 -m llama3_deploy.benchmarks.gpu --out $OUT
    (use the wheel name the script printed). `--phase all` (the default) builds the 8B checkpoint and
    the export, then benchmarks; that may not fit one 10-minute call, so the safe plan is two calls on
-   the warm machine: `... python3 -m benchmarks.gpu --phase prepare --out $OUT` then
-   `... python3 -m benchmarks.gpu --phase bench --out $OUT`. Finished artifacts are reused (kept in
+   the warm machine: `... python3 -m llama3_deploy.benchmarks.gpu --phase prepare --out $OUT` then
+   `... python3 -m llama3_deploy.benchmarks.gpu --phase bench --out $OUT`. Finished artifacts are reused (kept in
    work-out/gpu while the machine stays warm) and results are saved after every cell
    (`<name>.partial.json`), so a call cut short still brings back what it measured.
 
-CPU-side check (no GPU): python -m benchmarks.gpu --device cpu --model <checkpoint dir> --dtype float32 ...
+CPU-side check (no GPU): python -m llama3_deploy.benchmarks.gpu --device cpu --model <checkpoint dir> --dtype float32 ...
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def preflight(device: str, engines: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llama3_deploy.benchmarks.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "work-out/gpu-out"), help="where results go ($OUT)")
     p.add_argument("--model", default="random:meta-llama-3-8b-instruct", help="checkpoint dir or random:PRESET")
     p.add_argument("--dtype", default="float16", help="checkpoint and PyTorch precision")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     output_dir=str(out), name=stem, compile_backend=args.compile_backend,
                     compile_max_cache_len=max_len, scope=args.scope, quick_floor=args.quick_floor)
     doc["preflight"] = pre
-    doc["gpu_command"] = "python3 -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc["gpu_command"] = "python3 -m llama3_deploy.benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     _copy_logs(Path(args.work_dir), out)
     log(f"done in {time.perf_counter() - t0:.0f} s; results in {out}")

@@ -91,10 +91,10 @@ class Worker:
 
     def __init__(self, spec: EngineSpec, log_path: Path, *, timeout_s: float = 1800):
         self.spec, self.timeout_s = spec, timeout_s
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        # The worker imports the installed package (an interpreter of another environment has it installed too).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([spec.python, "-m", "benchmarks.worker", json.dumps(spec.to_json())],
+        self.proc = subprocess.Popen([spec.python, "-m", "llama3_deploy.benchmarks.worker", json.dumps(spec.to_json())],
                                      cwd=str(REPO), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log)
         self.info: dict = {}

@@ -1,6 +1,6 @@
 """Write a full-size Llama 3 checkpoint with seeded random weights (Hugging Face safetensors layout).
 
-    python -m benchmarks.make_checkpoint --preset meta-llama-3-8b-instruct --output /tmp/llama3-8b-random
+    python -m llama3_deploy.benchmarks.make_checkpoint --preset meta-llama-3-8b-instruct --output /tmp/llama3-8b-random
 
 The weights are random: latency and memory figures are meaningful, quality figures are not.
 """
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import dataclasses
 
-    from export.weights import RandomWeights, write_checkpoint
+    from llama3_deploy.export.weights import RandomWeights, write_checkpoint
     try:
         config = dataclasses.replace(preset(args.preset), source_dtype=args.dtype)
         write_checkpoint(RandomWeights(config, seed=args.seed, dtype=args.dtype), args.output,

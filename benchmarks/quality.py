@@ -1,6 +1,6 @@
 """Weight-only quantization quality on the small trained model: held-out perplexity and greedy agreement vs fp32.
 
-    python -m benchmarks.quality --model work-out/trained-small --out benchmarks/results/quality-trained-small
+    python -m llama3_deploy.benchmarks.quality --model work-out/trained-small --out benchmarks/results/quality-trained-small
 
 Exports the checkpoint with the optimized flavor (logits at every position) in fp32 and with weight-only
 INT8 / INT4 quantization (RTN symmetric and asymmetric, HQQ), then measures each export through this
@@ -40,7 +40,7 @@ DEFINITIONS = {
 
 def quant_variants(block_size: int) -> list[tuple[str, Any]]:
     """(label, QuantSpec or None) for fp32 and each weight-only variant measured, at `block_size`."""
-    from export.quantize import QuantSpec
+    from llama3_deploy.export.quantize import QuantSpec
     specs = [QuantSpec(bits=8, block_size=block_size, symmetric=True, method="rtn"),
              QuantSpec(bits=8, block_size=block_size, symmetric=False, method="rtn"),
              QuantSpec(bits=4, block_size=block_size, symmetric=True, method="rtn"),
@@ -74,7 +74,7 @@ def measure(export_dir: Path, windows: list[list[int]], prompts: list[list[int]]
 
     With `ref` (fp32's returned state) also KL, top-1 and greedy agreement against it. Returns (figures, state).
     """
-    from runtime.generate import Generator
+    from llama3_deploy.runtime.generate import Generator
     gen = Generator(export_dir, threads=threads)
     nll = kl = 0.0
     n = top1 = 0
@@ -107,10 +107,10 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
                 threads: int = 0, workdir: str | Path = "work-out", keep_exports: bool = False,
                 command: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Export every variant of `model`, measure it, write `<out>.json` and `<out>.md`; returns the JSON record."""
-    from benchmarks.cli import git_info, machine_info
-    from calibration.train_small import heldout_token_windows
-    from export.onnx_export import DATA_FILE
-    from export.pipeline import export_model
+    from llama3_deploy.benchmarks.cli import git_info, machine_info
+    from llama3_deploy.calibration.train_small import heldout_token_windows
+    from llama3_deploy.export.onnx_export import DATA_FILE
+    from llama3_deploy.export.pipeline import export_model
     from llama3_deploy.config import load_config, read_json
     from llama3_deploy.errors import DeployError
     from llama3_deploy.fsutil import atomic_write_text
@@ -170,7 +170,7 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
                      "window_seed": 0, "prompts": prompts, "prompt_length": prompt_length, "prompt_seed": 1,
                      "new_tokens": new_tokens, "decoding": "greedy, ignore_eos", "threads": threads,
                      "export": {"flavor": "optimized", "logits": "all", "dtype": "float32"},
-                     "heldout_source": "calibration.train_small.heldout_token_windows(model, count, length, seed)"},
+                     "heldout_source": "llama3_deploy.calibration.train_small.heldout_token_windows(model, count, length, seed)"},
         "definitions": DEFINITIONS,
         "machine": machine_info(), "git": git_info(), "versions": tool_versions(),
         "variants": rows,
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="work-out", help="where the temporary exports go")
     p.add_argument("--keep-exports", action="store_true")
     args = p.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "llama3_deploy.benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
     try:
         run_quality(args.model, args.out, block_size=args.block_size, windows=args.windows,
                     window_length=args.window_length, prompts=args.prompts, prompt_length=args.prompt_length,

@@ -239,9 +239,9 @@ def summary_markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-render a result JSON: `python -m benchmarks.report RESULT.json [--summary]`."""
+    """Re-render a result JSON: `python -m llama3_deploy.benchmarks.report RESULT.json [--summary]`."""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m llama3_deploy.benchmarks.report", description=main.__doc__)
     p.add_argument("result", help="a benchmark JSON")
     p.add_argument("--summary", action="store_true", help="print the compact README table only")
     args = p.parse_args(argv)

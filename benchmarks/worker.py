@@ -1,6 +1,6 @@
 """One engine in its own process, driven by the harness over a line-per-message JSON protocol.
 
-    python -m benchmarks.worker '{"kind": "ort", "path": "...", "device": "cpu"}'
+    python -m llama3_deploy.benchmarks.worker '{"kind": "ort", "path": "...", "device": "cpu"}'
 
 The harness sends {"op": "run", "prompts": [[ids]], "new_tokens": N} and {"op": "quit"}; the worker
 answers one JSON line each on its original stdout (engines' own prints go to stderr). Peak host RSS
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rss = RssTracker()
     cuda = str(spec.get("device", "cpu")).startswith("cuda")
     try:
-        from benchmarks.engines import make_engine
+        from llama3_deploy.benchmarks.engines import make_engine
         t0 = time.perf_counter()
         engine = make_engine(spec)
         load_s = time.perf_counter() - t0

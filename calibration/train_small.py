@@ -1,6 +1,6 @@
 """Train a small Llama 3-architecture model on offline text, so quantization-quality figures mean something.
 
-    python -m calibration.train_small --output work-out/trained-small [--steps N] [--seed S] [--overwrite]
+    python -m llama3_deploy.calibration.train_small --output work-out/trained-small [--steps N] [--seed S] [--overwrite]
 
 The text is the Python standard library's own sources and docs (the same files the demo tokenizer is
 trained on). Files are split into train and held-out *by file*, by a hash of their path relative to the
@@ -43,7 +43,7 @@ def is_heldout(relpath: str) -> bool:
 
 def corpus_split() -> tuple[list[Path], list[Path]]:
     """(train, held-out) corpus files, each sorted by relative path. The file walk is the demo tokenizer's."""
-    from export.demo_tokenizer import corpus_files
+    from llama3_deploy.export.demo_tokenizer import corpus_files
     root = stdlib_root()
     files = sorted((p.relative_to(root).as_posix(), p) for p in corpus_files(0))
     held = [is_heldout(rel) for rel, _ in files]
@@ -52,7 +52,7 @@ def corpus_split() -> tuple[list[Path], list[Path]]:
 
 def read_texts(files: list[Path], *, max_chars: int) -> list[str]:
     """File texts in order (each capped like the tokenizer corpus), until `max_chars` in total."""
-    from export.demo_tokenizer import read_corpus
+    from llama3_deploy.export.demo_tokenizer import read_corpus
     return list(read_corpus(files, max_chars=max_chars))
 
 
@@ -77,7 +77,7 @@ def heldout_token_windows(tokenizer_dir: str | Path, *, count: int, length: int,
     which `count` are sampled. `tokenizer_dir` is the trained checkpoint (or any directory with its tokenizer).
     """
     from llama3_deploy.errors import DeployError
-    from runtime.tokenizer import Tokenizer
+    from llama3_deploy.runtime.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(tokenizer_dir)
     windows = split_windows(token_stream(tok, read_texts(corpus_split()[1], max_chars=max_chars)), length)
     if count > len(windows):
@@ -115,13 +115,13 @@ def train(output: str | Path, *, steps: int = 600, seed: int = 0, batch_size: in
     import torch
     import transformers
 
-    from export.demo_tokenizer import MAX_CORPUS_CHARS, build_demo_tokenizer
-    from export.pipeline import copy_tokenizer_files
-    from export.weights import SafetensorsCheckpoint
+    from llama3_deploy.export.demo_tokenizer import MAX_CORPUS_CHARS, build_demo_tokenizer
+    from llama3_deploy.export.pipeline import copy_tokenizer_files
+    from llama3_deploy.export.weights import SafetensorsCheckpoint
     from llama3_deploy.config import load_config
     from llama3_deploy.errors import DeployError
     from llama3_deploy.fsutil import atomic_directory, check_output_dir
-    from runtime.tokenizer import Tokenizer
+    from llama3_deploy.runtime.tokenizer import Tokenizer
 
     if steps < 1 or batch_size < 1 or seq_len < 2:
         raise DeployError("steps and batch_size must be positive and seq_len at least 2")
@@ -215,7 +215,7 @@ def train(output: str | Path, *, steps: int = 600, seed: int = 0, batch_size: in
             "heldout": {"loss": nll, "perplexity": math.exp(nll), "windows": eval_windows, "length": eval_length,
                         "window_seed": 0, "predicted_tokens": eval_tokens,
                         "definition": "mean NLL of tokens 2..L of each window given the tokens before it, in-window",
-                        "recompute": "calibration.train_small.heldout_token_windows(dir, count, length, seed)"},
+                        "recompute": "llama3_deploy.calibration.train_small.heldout_token_windows(dir, count, length, seed)"},
             "corpus": {"source": f"Python {platform.python_version()} standard library sources and docs",
                        "split": f"by file: sha256(relative path) % 1000 < {HELDOUT_PERMILLE} is held out",
                        "train_files_total": len(train_files), "heldout_files_total": len(heldout_files),
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "-m", "calibration.train_small", *argv])
+    command = shlex.join(["python", "-m", "llama3_deploy.calibration.train_small", *argv])
     try:
         rec = train(args.output, steps=args.steps, seed=args.seed, overwrite=args.overwrite, command=command,
                     log=lambda m: print(m, flush=True))

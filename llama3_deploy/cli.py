@@ -1,61 +1,95 @@
 """`llama3-deploy`: one console command, a subcommand per stage.
 
-Each subcommand's defaults are the defaults of the function it calls; heavy imports happen inside
-the handlers so `llama3-deploy --help` and the runtime-only commands stay light.
+The top of the import graph: it imports each stage's argument module explicitly (those import no torch),
+and the stages import their heavy libraries inside the handlers, so `--help` and the runtime commands work
+on a runtime-only install (`pip install llama3-deploy`). A command whose extra is missing answers with one
+line naming the extra to install.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import sys
 from typing import Callable
 
+from llama3_deploy import demo
+from llama3_deploy.benchmarks import cli as bench_cli
+from llama3_deploy.export import cli as export_cli
+from llama3_deploy.runtime import cli as runtime_cli
+
 from .errors import DeployError
 
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {}
+# The Python modules each optional extra (pyproject's [project.optional-dependencies]) brings.
+EXTRA_MODULES = {
+    "export": ("torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "ml_dtypes", "tqdm"),
+    "bench": ("torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "ml_dtypes", "tqdm", "transformers",
+              "matplotlib", "psutil"),
+}
+TORCH_NOTE = "torch: `pip install torch==2.13.0` takes the CPU wheel; an unpinned torch pulls CUDA packages"
 
 
-def command(name: str, help_text: str):
-    def register(fn):
-        _COMMANDS[name] = (fn, help_text)
-        return fn
-    return register
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # also sets the handler: set_defaults(run=...)
+    extra: str | None = None  # the optional extra it needs beyond the runtime install
+
+    def missing(self) -> list[str]:
+        return [m for m in EXTRA_MODULES.get(self.extra, ()) if importlib.util.find_spec(m) is None]
 
 
-@command("export", "export a Hugging Face Llama checkpoint to a validated ONNX decoder")
-def _export_args(p: argparse.ArgumentParser) -> None:
-    from export.cli import add_arguments
-    add_arguments(p)
+COMMANDS = (
+    Command("export", "export a Hugging Face Llama checkpoint to a validated ONNX decoder",
+            export_cli.add_arguments, "export"),
+    Command("generate", "generate text from an export (streams to the terminal; --json for scripts)",
+            runtime_cli.add_generate_arguments),
+    Command("chat", "interactive multi-turn chat with streaming", runtime_cli.add_chat_arguments),
+    Command("tokens", "search the vocabulary for tokens containing a string, or show what ids decode to",
+            runtime_cli.add_tokens_arguments),
+    Command("inspect", "a model's config and structure at a glance (checkpoint or export)",
+            runtime_cli.add_inspect_arguments),
+    Command("bench", "benchmark the runtime against PyTorch and peers (latency, memory, physical floor)",
+            bench_cli.add_arguments, "bench"),
+    Command("demo", "run the whole pipeline on an embedded default model with random weights",
+            demo.add_arguments, "bench"),
+)
 
 
-def _load_optional(module: str) -> None:
-    """Register the subcommands of stages that exist in this install (runtime-only installs lack export)."""
-    import importlib
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError:
-        pass
+def _needs(command: Command, missing: list[str]) -> str:
+    return (f"`llama3-deploy {command.name}` needs the {command.extra} extra (missing: {', '.join(missing)}): "
+            f"pip install 'llama3-deploy[{command.extra}]' ({TORCH_NOTE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    for module in ("runtime.cli", "benchmarks.cli", "llama3_deploy.demo"):
-        _load_optional(module)
     parser = argparse.ArgumentParser(prog="llama3-deploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add, help_text) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+    for c in COMMANDS:
+        help_text = c.help + (f" [needs the {c.extra} extra]" if c.missing() else "")
+        p = sub.add_parser(c.name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_arguments(p)
+        p.set_defaults(_command=c)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    command: Command = args._command
     try:
-        return int(args.run(args) or 0)
+        missing = command.missing()
+        if missing:
+            raise DeployError(_needs(command, missing))
+        try:
+            return int(args.run(args) or 0)
+        except ModuleNotFoundError as e:  # an extra's module that find_spec saw but could not load
+            if (e.name or "").split(".")[0] in EXTRA_MODULES.get(command.extra, ()):
+                raise DeployError(_needs(command, [e.name])) from None
+            raise
     except DeployError as e:
         print(f"llama3-deploy {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-

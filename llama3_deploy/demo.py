@@ -11,7 +11,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from .cli import command
 from .config import LlamaConfig
 
 DEMO_BASE_VOCAB = 4000  # + 256 Llama 3 special tokens
@@ -24,8 +23,7 @@ def demo_config(vocab_size: int, bos: int, eos: tuple[int, ...]) -> LlamaConfig:
                        rope_theta=500000.0, bos_token_id=bos, eos_token_ids=eos, source_dtype="float32")
 
 
-@command("demo", "run the whole pipeline on an embedded default model with random weights")
-def _demo_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="llama3-deploy-demo", help="where the demo's files go (replaced)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the latency table")
     p.add_argument("--new-tokens", type=int, default=32, help="forced tokens per latency run")
@@ -36,9 +34,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args) -> int:
 
-    from export.demo_tokenizer import build_demo_tokenizer
-    from export.pipeline import copy_tokenizer_files, export_model
-    from export.weights import RandomWeights, write_checkpoint
+    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.export.pipeline import copy_tokenizer_files, export_model
+    from llama3_deploy.export.weights import RandomWeights, write_checkpoint
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -64,8 +62,8 @@ def run_demo(args) -> int:
         exports.append(result.output)
 
     say("4/5 a chat reply through the runtime (ONNX Runtime, IO binding, in-place KV cache)")
-    from runtime.generate import Generator
-    from runtime.sampling import SamplingParams
+    from llama3_deploy.runtime.generate import Generator
+    from llama3_deploy.runtime.sampling import SamplingParams
     gen = Generator(exports[1])
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Write a haiku about exporting models."}]
@@ -88,7 +86,7 @@ def latency_table(checkpoint: Path, export_dirs: list[Path], *, prompt_tokens: i
     """Interleaved runs of this runtime (each export) and PyTorch eager on the same model; a Markdown table."""
     import numpy as np
 
-    from benchmarks.engines import OrtEngine, TorchEagerEngine
+    from llama3_deploy.benchmarks.engines import OrtEngine, TorchEagerEngine
 
     engines = [*(OrtEngine(d) for d in export_dirs), TorchEagerEngine(checkpoint)]
     prompt = [np.random.default_rng(0).integers(0, vocab_size - 256, prompt_tokens).tolist()]

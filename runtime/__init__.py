@@ -1,6 +1,6 @@
 """llama3-deploy runtime: an exported Llama 3 decoder on ONNX Runtime, no torch.
 
-    from runtime import Generator, SamplingParams
+    from llama3_deploy.runtime import Generator, SamplingParams
     gen = Generator("llama3-onnx/", device="cpu")
     result = gen.generate("Hello", SamplingParams(max_new_tokens=32))
     for delta in gen.stream([{"role": "user", "content": "Hi!"}], max_new_tokens=64, temperature=0.6):

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from llama3_deploy.cli import command
 from llama3_deploy.config import dtype_bytes, human_bytes, load_config
 from llama3_deploy.errors import DeployError
 
@@ -48,8 +47,7 @@ def _generator(args):
                      cuda_graph=args.cuda_graph)
 
 
-@command("generate", "generate text from an export (streams to the terminal; --json for scripts)")
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     _session_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -85,8 +83,7 @@ def run_generate(args) -> int:
     return 0
 
 
-@command("chat", "interactive multi-turn chat with streaming")
-def _chat_args(p: argparse.ArgumentParser) -> None:
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     _session_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     _sampling_args(p)
@@ -120,8 +117,7 @@ def run_chat(args) -> int:
     return 0
 
 
-@command("tokens", "search the vocabulary for tokens containing a string, or show what ids decode to")
-def _tokens_args(p: argparse.ArgumentParser) -> None:
+def add_tokens_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", nargs="?", help="text to look for in token strings")
     p.add_argument("--model", required=True, help="checkpoint, export or tokenizer directory")
     p.add_argument("--ids", help="comma-separated ids to decode instead")
@@ -152,8 +148,7 @@ def run_tokens(args) -> int:
     return 0
 
 
-@command("inspect", "a model's config and structure at a glance (checkpoint or export)")
-def _inspect_args(p: argparse.ArgumentParser) -> None:
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint or export directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_inspect)

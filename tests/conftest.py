@@ -32,7 +32,7 @@ PARITY_CONFIGS = {
 
 
 def write_random_checkpoint(path: Path, config: LlamaConfig, *, seed: int = 0, dtype: str = "float32") -> Path:
-    from export.weights import RandomWeights, write_checkpoint
+    from llama3_deploy.export.weights import RandomWeights, write_checkpoint
     config = dataclasses.replace(config, source_dtype=dtype)
     return write_checkpoint(RandomWeights(config, seed=seed, dtype=dtype), path)
 
@@ -70,7 +70,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def _export(checkpoint: Path, tmp_path_factory) -> Path:
     """A checkpoint exported to fp32 ONNX, validated."""
-    from export.pipeline import export_model
+    from llama3_deploy.export.pipeline import export_model
     return export_model(str(checkpoint), tmp_path_factory.mktemp("export") / "onnx", progress=False).output
 
 
@@ -82,8 +82,8 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tok_checkpoint(tmp_path_factory) -> Path:
     """A tiny model carrying the project's own demo tokenizer (Llama 3 special-token layout, chat template)."""
-    from export.demo_tokenizer import build_demo_tokenizer
-    from export.pipeline import copy_tokenizer_files
+    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.export.pipeline import copy_tokenizer_files
     root = tmp_path_factory.mktemp("tok")
     tok = build_demo_tokenizer(root / "tokenizer", vocab_size=1000)
     config = tiny_config(vocab_size=tok["vocab_size"], bos_token_id=tok["bos_token_id"],
@@ -101,6 +101,6 @@ def tok_export(tok_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The project's demo tokenizer, built once: (directory, build_demo_tokenizer's summary)."""
-    from export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
     out = tmp_path_factory.mktemp("demo") / "tokenizer"
     return out, build_demo_tokenizer(out)

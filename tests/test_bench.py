@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import floor as F
-from benchmarks import harness as H
+from llama3_deploy.benchmarks import floor as F
+from llama3_deploy.benchmarks import harness as H
 from llama3_deploy.config import preset
 
 from .conftest import tiny_config
@@ -93,7 +93,7 @@ def test_rounds_faster_than_pytorch_are_paired_by_round():
     H.add_pytorch_ratios([ref, ours])
     assert ours["rounds_faster_than_pytorch"] == {"ttft": 2, "tpot_p50": 1, "rounds": 3}
     assert ref["rounds_faster_than_pytorch"]["rounds"] == 0  # not compared with itself
-    from benchmarks.report import _wins
+    from llama3_deploy.benchmarks.report import _wins
     assert _wins(ours["rounds_faster_than_pytorch"], "ttft") == " (2/3)" and _wins(ref["rounds_faster_than_pytorch"], "ttft") == ""
 
 
@@ -123,7 +123,7 @@ def _check_doc(doc: dict, kinds: set[str], cells: set[tuple[int, int]], reps: in
 
 
 def test_bench_end_to_end(tiny_checkpoint, work, tmp_path):
-    from benchmarks.cli import bench
+    from llama3_deploy.benchmarks.cli import bench
     doc = bench(model=str(tiny_checkpoint), engines="ort,torch-eager,optimum", cells="8x1,8x2", new_tokens=4,
                 reps=2, warmup=1, work_dir=str(work), output_dir=str(tmp_path / "out"), name="t",
                 quick_floor=True, log=lambda *_: None)
@@ -149,7 +149,7 @@ def test_engine_that_cannot_start_is_recorded(tiny_checkpoint, tmp_path):
 def test_gpu_command_cpu_side(tiny_checkpoint, work, tmp_path):
     """The GPU script's flow without a GPU: build, one process per engine for the run, compiled engine
     (static cache; the eager backend keeps it fast), table, JSON under --out."""
-    from benchmarks import gpu
+    from llama3_deploy.benchmarks import gpu
     out = tmp_path / "out"
     rc = gpu.main(["--device", "cpu", "--model", str(tiny_checkpoint), "--dtype", "float32",
                    "--ort-dtypes", "float32,opt-float32",
@@ -166,7 +166,7 @@ def test_gpu_command_cpu_side(tiny_checkpoint, work, tmp_path):
 
 @pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason="no onnxruntime-genai venv (bash benchmarks/peers/setup_genai.sh)")
 def test_genai_peer_from_its_venv(tiny_checkpoint, work, tmp_path):
-    from benchmarks.cli import bench
+    from llama3_deploy.benchmarks.cli import bench
     doc = bench(model=str(tiny_checkpoint), engines="torch-eager,genai", cells="8x2", new_tokens=4, reps=1,
                 warmup=0, work_dir=str(work), output_dir=str(tmp_path / "out"), name="g",
                 genai_python=str(GENAI_PYTHON), quick_floor=True, log=lambda *_: None)

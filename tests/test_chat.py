@@ -10,8 +10,8 @@ import pytest
 
 from llama3_deploy.errors import DeployError
 from tests.conftest import _shared
-from runtime.chat import LLAMA3_INSTRUCT_TEMPLATE, ChatFormat, validate_messages
-from runtime.tokenizer import Tokenizer
+from llama3_deploy.runtime.chat import LLAMA3_INSTRUCT_TEMPLATE, ChatFormat, validate_messages
+from llama3_deploy.runtime.tokenizer import Tokenizer
 
 SPECIAL_BASE = 128000
 INJECTIONS = [

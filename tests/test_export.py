@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import onnx_export, validate
-from export.pipeline import export_model
+from llama3_deploy.export import onnx_export, validate
+from llama3_deploy.export.pipeline import export_model
 from llama3_deploy import contract
 from llama3_deploy.cli import main
 from llama3_deploy.config import load_config
@@ -261,7 +261,7 @@ def test_bf16_export_is_checked_structurally_and_says_why(tiny_checkpoint, tmp_p
 
 
 def test_sharded_checkpoint_loads_strictly(tmp_path):
-    from export.weights import RandomWeights, SafetensorsCheckpoint, write_checkpoint
+    from llama3_deploy.export.weights import RandomWeights, SafetensorsCheckpoint, write_checkpoint
     from llama3_deploy.errors import CheckpointError
     config = tiny_config()
     source = RandomWeights(config, seed=9, dtype="float32")

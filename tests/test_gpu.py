@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from runtime.generate import Generator
+from llama3_deploy.runtime.generate import Generator
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +25,7 @@ def test_cuda_greedy_equals_cpu(tiny_export):
 def test_cuda_graph_replay_equals_uncaptured(tiny_checkpoint, tmp_path):
     """Optimized fp16 with in-graph argmax on CUDA: decode steps replayed from a captured CUDA graph give the
     tokens of uncaptured runs, across two generations on the same buffers."""
-    from export.pipeline import export_model
+    from llama3_deploy.export.pipeline import export_model
     out = export_model(str(tiny_checkpoint), tmp_path / "opt16", dtype="float16", flavor="optimized", argmax=True,
                        progress=False).output
     prompts = [[5, 9, 33, 100, 7], [44, 21, 9]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.weights import RandomWeights, load_decoder
+from llama3_deploy.export.weights import RandomWeights, load_decoder
 from tests.conftest import PARITY_CONFIGS, tiny_config, write_random_checkpoint
 
 ATOL = 1e-4

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from export.pipeline import export_model
-from export.quantize import QuantSpec
+from llama3_deploy.export.pipeline import export_model
+from llama3_deploy.export.quantize import QuantSpec
 from llama3_deploy import contract
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import load_manifest
-from runtime.generate import Generator
-from runtime.session import DeviceBuffer
+from llama3_deploy.runtime.generate import Generator
+from llama3_deploy.runtime.session import DeviceBuffer
 from tests.conftest import tiny_config, write_random_checkpoint
 from tests.test_model import hf_model
 from tests.test_runtime import PROMPTS, hf_greedy
@@ -217,7 +217,7 @@ def test_tied_embeddings_and_fp16(tmp_path):
 def test_cuda_graph_bookkeeping_on_cpu(which, request, monkeypatch):
     """The CUDA-graph path's CPU side: decode steps run under one fixed graph id, prefill runs uncaptured,
     and every decode step binds the same addresses and shapes (what a replayed graph needs)."""
-    from runtime.session import DecoderSession
+    from llama3_deploy.runtime.session import DecoderSession
     opt_last = request.getfixturevalue(which)
     with pytest.raises(DeployError, match="cuda_graph needs device cuda"):
         Generator(opt_last, cuda_graph=True)

@@ -13,9 +13,9 @@ from tests.test_train_small import TINY
 def _api_missing() -> str | None:
     """Why the quantized export / prompt-scoring API is unavailable, or None when it is there."""
     try:
-        from export.pipeline import export_model
-        from export.quantize import QuantSpec  # noqa: F401
-        from runtime.generate import Generator
+        from llama3_deploy.export.pipeline import export_model
+        from llama3_deploy.export.quantize import QuantSpec  # noqa: F401
+        from llama3_deploy.runtime.generate import Generator
     except ImportError as e:
         return f"quantized export API not available yet ({e})"
     if not {"flavor", "logits", "quantization"} <= set(inspect.signature(export_model).parameters):
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(_api_missing() is not None, reason=str(_api_miss
 
 
 def test_greedy_agreement_definitions():
-    from benchmarks.quality import greedy_agreement
+    from llama3_deploy.benchmarks.quality import greedy_agreement
     ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
     got = greedy_agreement(ref, [[1, 2, 9, 4], [5, 6, 7, 8]])
     assert got == {"greedy_prefix": (0.5 + 1.0) / 2, "greedy_overall": (0.75 + 1.0) / 2, "greedy_identical": 1}
@@ -37,8 +37,8 @@ def test_greedy_agreement_definitions():
 
 
 def test_quality_report_on_tiny_trained_model(tmp_path):
-    from benchmarks.quality import run_quality
-    from calibration.train_small import train
+    from llama3_deploy.benchmarks.quality import run_quality
+    from llama3_deploy.calibration.train_small import train
     ckpt = tmp_path / "ckpt"
     training = train(ckpt, seed=0, log=lambda m: None, **TINY)
     out = tmp_path / "results" / "quality-tiny"

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import quantize as Q
+from llama3_deploy.export import quantize as Q
 from llama3_deploy.errors import DeployError
 from tests.conftest import tiny_config
 

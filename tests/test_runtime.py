@@ -10,8 +10,8 @@ import torch
 
 from llama3_deploy import contract
 from llama3_deploy.errors import DeployError
-from runtime.generate import Generator
-from runtime.sampling import SamplingParams
+from llama3_deploy.runtime.generate import Generator
+from llama3_deploy.runtime.sampling import SamplingParams
 from tests.test_model import hf_model
 
 N = 32
@@ -186,7 +186,7 @@ def test_bad_exports(tiny_export, tmp_path):
 
 
 def test_bf16_export_on_cpu_is_refused_clearly(tiny_checkpoint, tmp_path):
-    from export.pipeline import export_model
+    from llama3_deploy.export.pipeline import export_model
     out = export_model(str(tiny_checkpoint), tmp_path / "bf16", dtype="bf16", progress=False).output
     with pytest.raises(DeployError, match="bfloat16 graphs only on its CUDA execution provider"):
         Generator(out)

@@ -14,7 +14,7 @@ import pytest
 
 from llama3_deploy.errors import DeployError
 from tests.conftest import _shared
-from runtime.tokenizer import (LLAMA3_PATTERN, StreamDecoder, Tokenizer, llama3_special_token_names,
+from llama3_deploy.runtime.tokenizer import (LLAMA3_PATTERN, StreamDecoder, Tokenizer, llama3_special_token_names,
                                read_tiktoken_ranks, tiktoken_to_tokenizer_json)
 
 SPECIAL_BASE = 128000
@@ -224,7 +224,7 @@ def test_demo_tokenizer_round_trip_and_injection(demo):
 
 
 def test_demo_tokenizer_deterministic_and_atomic(tmp_path):
-    from export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
     small = dict(vocab_size=600, max_corpus_chars=300_000)  # a small corpus keeps this fast
     first = build_demo_tokenizer(tmp_path / "first", **small)
     out = tmp_path / "again"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from calibration import train_small
+from llama3_deploy.calibration import train_small
 
 TINY = dict(steps=30, batch_size=4, seq_len=64, lr=5e-3, hidden_size=64, intermediate_size=128, num_layers=1,
             num_heads=4, num_kv_heads=2, head_dim=16, base_vocab=400, max_corpus_chars=200_000,
@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
 
 
 def test_checkpoint_loads_with_project_readers(trained):
-    from export.weights import SafetensorsCheckpoint, name_table
+    from llama3_deploy.export.weights import SafetensorsCheckpoint, name_table
     from llama3_deploy.config import load_config
     out, record = trained
     assert sorted(p.name for p in out.iterdir()) == [

@@ -60,7 +60,7 @@ def checkpoint(model: str, work: Path, *, dtype: str, seed: int = 0) -> dict:
                 "weights": "as given"}
     preset = model[len("random:"):]
     out = work / f"ckpt-{preset}-{dtype}-seed{seed}"
-    info = _cached(out) or _run([sys.executable, "-m", "benchmarks.make_checkpoint", "--preset", preset,
+    info = _cached(out) or _run([sys.executable, "-m", "llama3_deploy.benchmarks.make_checkpoint", "--preset", preset,
                                  "--output", str(out), "--seed", str(seed), "--dtype", dtype, "--overwrite"],
                                 out, what="random checkpoint", log=work / f"{out.name}.log")
     info["weights"] = f"seeded random (seed {seed}), {dtype}"

@@ -15,6 +15,9 @@ PY=${PYTHON:-python3}
 # The 0.18 builder imports model classes only transformers 5.x has (our main env pins <4.58).
 "$venv/bin/python" -m pip install -q "onnxruntime-genai==$VERSION" "torch==2.13.0" "transformers>=5" \
     onnx onnx-ir safetensors numpy
+# The benchmark worker runs in this venv as `python -m llama3_deploy.benchmarks.worker`: the project itself,
+# without its dependencies (they would replace the onnxruntime that onnxruntime-genai pins).
+"$venv/bin/python" -m pip install -q --no-deps -e "$root"
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as m
 for p in ("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers"):
