@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from llama3_deploy.config import LlamaConfig, dtype_bytes
+from llama3_deploy.config import LlamaConfig
+from llama3_deploy.dtypes import itemsize
 
 
 # --- what the model must do ------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def bytes_per_weight(dtype: str) -> float:
     share of the block's fp32 scale."""
     if dtype in ("int8", "int4"):
         return int(dtype[3:]) / 8 + 4 / QUANT_BLOCK
-    return dtype_bytes(dtype)
+    return itemsize(dtype)
 
 
 def activation_dtype(dtype: str) -> str:
@@ -55,7 +56,7 @@ def weight_bytes_read(config: LlamaConfig, dtype: str, batch: int) -> int:
     if config.tie_word_embeddings:
         return int(total * bytes_per_weight(dtype))
     return int((total - table) * bytes_per_weight(dtype)
-               + batch * config.hidden_size * dtype_bytes(activation_dtype(dtype)))
+               + batch * config.hidden_size * itemsize(activation_dtype(dtype)))
 
 
 def attention_flops(config: LlamaConfig, batch: int, queries: int, past: int) -> int:
@@ -79,7 +80,7 @@ def decode_flops(config: LlamaConfig, batch: int, context: float) -> float:
 
 def decode_bytes(config: LlamaConfig, dtype: str, batch: int, context: float) -> dict:
     """Bytes one decode step moves at `context` cached tokens: weights once, KV read, new KV written."""
-    kv_tok = config.kv_bytes_per_token(dtype_bytes(activation_dtype(dtype)))
+    kv_tok = config.kv_bytes_per_token(itemsize(activation_dtype(dtype)))
     weights = weight_bytes_read(config, dtype, batch)
     kv_read = batch * context * kv_tok
     kv_write = batch * kv_tok
@@ -96,7 +97,7 @@ def floor_for(config: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_
     mean_ctx = prompt_len + (new_tokens - 2) / 2 if new_tokens > 1 else prompt_len
     pf = prefill_flops(config, batch, prompt_len)
     pb = (weight_bytes_read(config, dtype, batch)
-          + batch * prompt_len * config.kv_bytes_per_token(dtype_bytes(activation_dtype(dtype))))
+          + batch * prompt_len * config.kv_bytes_per_token(itemsize(activation_dtype(dtype))))
     db = decode_bytes(config, dtype, batch, mean_ctx)
     df = decode_flops(config, batch, mean_ctx)
     ttft_compute, ttft_memory = pf / matmul_rate * 1e3, pb / bandwidth * 1e3

@@ -109,7 +109,7 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
     """Export every variant of `model`, measure it, write `<out>.json` and `<out>.md`; returns the JSON record."""
     from llama3_deploy.benchmarks.cli import git_info, machine_info
     from llama3_deploy.calibration.train_small import heldout_token_windows
-    from llama3_deploy.export.onnx_export import DATA_FILE
+    from llama3_deploy.contract import DATA_FILE
     from llama3_deploy.export.pipeline import export_model
     from llama3_deploy.config import load_config, read_json
     from llama3_deploy.errors import DeployError

@@ -43,7 +43,7 @@ def is_heldout(relpath: str) -> bool:
 
 def corpus_split() -> tuple[list[Path], list[Path]]:
     """(train, held-out) corpus files, each sorted by relative path. The file walk is the demo tokenizer's."""
-    from llama3_deploy.export.demo_tokenizer import corpus_files
+    from llama3_deploy.calibration.demo_tokenizer import corpus_files
     root = stdlib_root()
     files = sorted((p.relative_to(root).as_posix(), p) for p in corpus_files(0))
     held = [is_heldout(rel) for rel, _ in files]
@@ -52,7 +52,7 @@ def corpus_split() -> tuple[list[Path], list[Path]]:
 
 def read_texts(files: list[Path], *, max_chars: int) -> list[str]:
     """File texts in order (each capped like the tokenizer corpus), until `max_chars` in total."""
-    from llama3_deploy.export.demo_tokenizer import read_corpus
+    from llama3_deploy.calibration.demo_tokenizer import read_corpus
     return list(read_corpus(files, max_chars=max_chars))
 
 
@@ -115,7 +115,7 @@ def train(output: str | Path, *, steps: int = 600, seed: int = 0, batch_size: in
     import torch
     import transformers
 
-    from llama3_deploy.export.demo_tokenizer import MAX_CORPUS_CHARS, build_demo_tokenizer
+    from llama3_deploy.calibration.demo_tokenizer import MAX_CORPUS_CHARS, build_demo_tokenizer
     from llama3_deploy.export.pipeline import copy_tokenizer_files
     from llama3_deploy.export.weights import SafetensorsCheckpoint
     from llama3_deploy.config import load_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from llama3_deploy import contract
+from llama3_deploy.dtypes import DTYPE_ALIASES, EXPORT_DTYPES
 
 from . import defaults
 from .quantize import QUANT_METHODS, QuantSpec
@@ -15,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for seeded random weights (presets: meta-llama-3-8b-instruct, meta-llama-3.1-8b-instruct, "
                         "meta-llama-3-70b-instruct, llama3-cpu-bench)")
     p.add_argument("--output", required=True, help="output directory (created atomically)")
-    p.add_argument("--dtype", choices=[*contract.DTYPE_ALIASES, *contract.EXPORT_DTYPES], default=defaults.DTYPE,
+    p.add_argument("--dtype", choices=[*DTYPE_ALIASES, *EXPORT_DTYPES], default=defaults.DTYPE,
                    help="weight and KV cache dtype (norms, RoPE and softmax stay fp32)")
     p.add_argument("--flavor", choices=contract.FLAVORS, default=defaults.FLAVOR,
                    help="portable: standard ONNX ops (TensorRT, any runtime); optimized: ONNX Runtime's fused ops "

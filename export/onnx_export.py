@@ -16,13 +16,13 @@ import onnx_ir as ir
 import torch
 
 from llama3_deploy import contract
+from llama3_deploy.contract import DATA_FILE, MODEL_FILE
+from llama3_deploy.dtypes import onnx_type
 from llama3_deploy.config import LlamaConfig
 
 from .model import LlamaDecoder
-from .weights import TORCH_DTYPES, WeightSource, derived_tensors, name_table, target_tensor
+from .weights import WeightSource, derived_tensors, name_table, target_tensor
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 OPSET = 18
 # Write budget for the external data writer: with one worker this bounds the bytes held at once
 # beyond the single tensor being converted.
@@ -40,7 +40,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def trace(config: LlamaConfig, dtype: str) -> ir.Model:
     """Export the decoder graph with meta weights; inputs, outputs and axes named by the contract."""
     io = contract.decoder_io(config, dtype)
-    tdtype = TORCH_DTYPES[dtype]
+    tdtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = LlamaDecoder(config).to(tdtype)
         model.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32))
@@ -98,10 +98,6 @@ class _quiet_exporter:
         logging.getLogger("torch.onnx").setLevel(self._level)
 
 
-IR_DTYPES = {"int64": ir.DataType.INT64, "uint8": ir.DataType.UINT8, "float32": ir.DataType.FLOAT,
-             "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
-
-
 def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
     """Give graph inputs/outputs the contract's symbolic axis names; fail if names or dtypes differ."""
     for values, specs in ((model.graph.inputs, io.inputs), (model.graph.outputs, io.outputs)):
@@ -110,14 +106,14 @@ def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
         if got != want:
             raise RuntimeError(f"traced graph I/O {got} differs from the contract {want}")
         for v, spec in zip(values, specs):
-            if v.dtype != IR_DTYPES[spec.dtype]:
+            if v.dtype != ir.DataType(onnx_type(spec.dtype)):
                 raise RuntimeError(f"{spec.name}: traced dtype {v.dtype}, contract {spec.dtype}")
             v.shape = ir.Shape(list(spec.shape))
 
 
 def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, dtype: str) -> int:
     """Replace the traced meta initializers with lazy tensors that read the source on demand."""
-    tdtype = TORCH_DTYPES[dtype]
+    tdtype = getattr(torch, dtype)
     by_target = {e.target: e for e in name_table(config)}
     derived = derived_tensors(config)
     total = 0

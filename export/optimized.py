@@ -23,16 +23,16 @@ import torch
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
+from llama3_deploy.dtypes import numpy_dtype, onnx_type
 
 from .model import rope_cos_sin
-from .onnx_export import IR_DTYPES as _IR
 from .quantize import (QuantSpec, gather_block_quantized_attributes, matmul_nbits_attributes, quantize_embedding,
                        quantize_matrix, quantized_layout)
-from .weights import TORCH_DTYPES, WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
+from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
-_NP = {"float32": np.float32, "float16": np.float16}
+GRAPH_DTYPES = ("float32", "float16")  # GroupQueryAttention has no bfloat16 CPU kernel
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -59,8 +59,8 @@ class _Weights:
             if tuple(arr.shape) != shape:
                 raise RuntimeError(f"initializer {name}: computed {arr.shape}, declared {shape}")
             return ir.Tensor(np.ascontiguousarray(arr), name=name)
-        v = ir.Value(name=name, type=ir.TensorType(_IR[dtype]), shape=ir.Shape(list(shape)),
-                     const_value=ir.LazyTensor(make, dtype=_IR[dtype], shape=ir.Shape(list(shape)), name=name))
+        v = ir.Value(name=name, type=ir.TensorType(ir.DataType(onnx_type(dtype))), shape=ir.Shape(list(shape)),
+                     const_value=ir.LazyTensor(make, dtype=ir.DataType(onnx_type(dtype)), shape=ir.Shape(list(shape)), name=name))
         self.values.append(v)
         return v
 
@@ -72,7 +72,7 @@ class _Weights:
 
     def vector(self, target: str) -> ir.Value:
         return self.add(target, self.dtype, self.table[target].target_shape,
-                        lambda: self.param((target,), TORCH_DTYPES[self.dtype]))
+                        lambda: self.param((target,), getattr(torch, self.dtype)))
 
     def quantized(self, name: str, k: int, n: int, fn: Callable, *, embedding: bool = False) -> list[ir.Value]:
         """The packed weight, scales and (asymmetric) zero points of one quantized tensor, computed once by
@@ -85,8 +85,8 @@ class _Weights:
     def linear(self, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool):
         """A [k, n] projection: (weight value, None) for MatMul, or (inputs, attributes) for MatMulNBits."""
         if self.quant is None or not quantize:
-            return [self.add(name, self.dtype, (k, n), lambda: self.param(targets, TORCH_DTYPES[self.dtype]))], None
-        fn = lambda: quantize_matrix(self.param(targets, torch.float32), self.quant, scale_dtype=_NP[self.dtype])
+            return [self.add(name, self.dtype, (k, n), lambda: self.param(targets, getattr(torch, self.dtype)))], None
+        fn = lambda: quantize_matrix(self.param(targets, torch.float32), self.quant, scale_dtype=numpy_dtype(self.dtype))
         return self.quantized(name, k, n, fn), matmul_nbits_attributes(k, n, self.quant)
 
 
@@ -96,19 +96,19 @@ def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarr
     pos = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
     cos, sin = rope_cos_sin(inv_freq, pos)  # [1, 1, P, D], halves repeated
     half = config.head_dim // 2
-    return _np(cos[0, 0, :, :half].to(TORCH_DTYPES[dtype])), _np(sin[0, 0, :, :half].to(TORCH_DTYPES[dtype]))
+    return _np(cos[0, 0, :, :half].to(getattr(torch, dtype))), _np(sin[0, 0, :, :half].to(getattr(torch, dtype)))
 
 
 def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str = "last",
           quant: QuantSpec | None = None, argmax: bool = False) -> ir.Model:
     """The optimized decoder graph for `config`, its weights bound lazily to `source`; with argmax it also
     returns the greedy ids (contract.NEXT_TOKEN)."""
-    if dtype not in _NP:
+    if dtype not in GRAPH_DTYPES:
         raise ValueError(f"the optimized flavor supports float32 and float16, not {dtype}")
     io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
     c = config
     E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
-    T = _IR[dtype]
+    T = ir.DataType(onnx_type(dtype))
     w = _Weights(source, c, dtype, quant)
     tape = ir.tape.Tape()
 
@@ -119,7 +119,7 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         return v
 
     def value(spec: contract.TensorSpec) -> ir.Value:
-        return ir.Value(name=spec.name, type=ir.TensorType(_IR[spec.dtype]), shape=ir.Shape(list(spec.shape)))
+        return ir.Value(name=spec.name, type=ir.TensorType(ir.DataType(onnx_type(spec.dtype))), shape=ir.Shape(list(spec.shape)))
 
     inputs = [value(s) for s in io.inputs]
     ids, mask = inputs[0], inputs[1]
@@ -148,7 +148,7 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
 
     # Embedding: x [B, S, E]
     if quant is not None and quant.embedding:
-        fn = lambda: quantize_embedding(w.param(("embed",), torch.float32), quant, scale_dtype=_NP[dtype])
+        fn = lambda: quantize_embedding(w.param(("embed",), torch.float32), quant, scale_dtype=numpy_dtype(dtype))
         data, *rest = w.quantized("embed", E, V, fn, embedding=True)
         x = tape.op("GatherBlockQuantized", [data, ids, *rest], gather_block_quantized_attributes(quant),
                     domain=MS_DOMAIN)
@@ -212,7 +212,7 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
     for v, spec in zip(graph_outputs, io.outputs, strict=True):  # the contract's order, types and axes
         if v.name != spec.name:
             raise RuntimeError(f"graph output {v.name} where the contract has {spec.name}")
-        v.type, v.shape = ir.TensorType(_IR[spec.dtype]), ir.Shape(list(spec.shape))
+        v.type, v.shape = ir.TensorType(ir.DataType(onnx_type(spec.dtype))), ir.Shape(list(spec.shape))
     graph = ir.Graph(inputs, graph_outputs, nodes=tape.nodes, initializers=w.values,
                      opset_imports={"": OPSET, MS_DOMAIN: 1}, name="llama3_decoder_optimized")
     return ir.Model(graph, ir_version=10, producer_name="llama3-deploy")

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from llama3_deploy import contract
-from llama3_deploy.config import LlamaConfig, dtype_bytes, human_bytes
+from llama3_deploy.config import LlamaConfig, human_bytes
+from llama3_deploy.dtypes import itemsize, normalize_dtype
 from llama3_deploy.errors import DeployError
 from llama3_deploy.fsutil import atomic_directory, check_output_dir
 from llama3_deploy.manifest import MANIFEST_FILE, tool_versions
@@ -39,7 +40,7 @@ class ExportResult:
                  + f"), dtype {m['dtype']}, opset {m['opset']}, {m['config']['num_hidden_layers']} layers, "
                  f"{m['parameters'] / 1e6:,.1f} M parameters",
                  f"  files: model.onnx {human_bytes(m['files']['model.onnx'])}, "
-                 f"{onnx_export.DATA_FILE} {human_bytes(m['files'][onnx_export.DATA_FILE])}",
+                 f"{contract.DATA_FILE} {human_bytes(m['files'][contract.DATA_FILE])}",
                  f"  time {m['timings']['total_s']:.1f} s (trace {m['timings']['trace_s']:.1f} s, "
                  f"write {m['timings']['write_s']:.1f} s, validate {m['timings']['validate_s']:.1f} s)"]
         num = v.get("numeric")
@@ -58,7 +59,7 @@ class ExportResult:
 
 def weight_bytes(config: LlamaConfig, dtype: str, *, layers: int | None = None) -> int:
     cfg = config if layers is None else config.with_layers(layers)
-    return sum(math.prod(e.source_shape) for e in name_table(cfg)) * dtype_bytes(dtype)
+    return sum(math.prod(e.source_shape) for e in name_table(cfg)) * itemsize(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +168,13 @@ def _check_numerics(path: Path, source: WeightSource, config: LlamaConfig, dtype
 def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, tmp: Path,
               expected: dict, *, max_bytes: int, progress: bool) -> dict:
     io = graph.io(config, dtype)
-    structure = validate.check_structure(tmp / onnx_export.MODEL_FILE, io, expected)
+    structure = validate.check_structure(tmp / contract.MODEL_FILE, io, expected)
     providers = validate.numeric_providers(dtype)
     if providers is None:
         return {"structure": structure, "numeric": "skipped: ONNX Runtime runs bfloat16 graphs only on its "
                 "CUDA execution provider, which this machine lacks"}
     if _ort_working_bytes(config, dtype, providers) <= max_bytes:
-        numeric = _check_numerics(tmp / onnx_export.MODEL_FILE, source, config, dtype, graph, providers)
+        numeric = _check_numerics(tmp / contract.MODEL_FILE, source, config, dtype, graph, providers)
         return {"structure": structure, "numeric": {**numeric, "reduced": False}}
     # Too large to run whole beside everything else: export a reduced graph of the same checkpoint
     # and validate that numerically; the full graph was checked structurally above.
@@ -183,7 +184,7 @@ def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: Grap
     try:
         _write_graph(source, reduced, dtype, graph, sub, progress=progress,
                      desc=f"reduced export ({reduced.num_hidden_layers} layers, {reduced.vocab_size} vocab rows)")
-        numeric = _check_numerics(sub / onnx_export.MODEL_FILE, source, reduced, dtype, graph, providers)
+        numeric = _check_numerics(sub / contract.MODEL_FILE, source, reduced, dtype, graph, providers)
     finally:
         shutil.rmtree(sub, ignore_errors=True)
     return {"structure": structure,
@@ -206,7 +207,7 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     and validated; on any error nothing is left behind and an existing output is untouched.
     """
     try:
-        dtype = contract.normalize_dtype(dtype)
+        dtype = normalize_dtype(dtype)
     except ValueError as e:
         raise DeployError(str(e)) from None
     graph = GraphOptions(flavor, logits or ("last" if flavor == "optimized" else "all"), quantization, argmax)

@@ -13,6 +13,7 @@ import torch
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
+from llama3_deploy.dtypes import numpy_dtype
 from llama3_deploy.errors import ValidationError
 
 from .model import Block, RMSNorm, additive_mask, rope_cos_sin
@@ -146,7 +147,7 @@ def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, 
 
     tol = TOLERANCES[dtype]
     io = contract.decoder_io(config, dtype)
-    np_dtype = np.float32 if dtype == "float32" else np.float16
+    np_dtype = numpy_dtype(dtype)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Validation runs a handful of tokens: no arena (on the CPU EP it would keep the fp32 copies ORT casts
@@ -270,7 +271,7 @@ def check_numerics_optimized(model_path: Path, source: WeightSource, config: Lla
         tol = INT8_COMPUTE_TOLERANCE if quant.accuracy_level == 4 else tol
     ref_source = source if quant is None else DequantizedSource(source, quant)
     io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
-    np_dtype = np.float32 if dtype == "float32" else np.float16
+    np_dtype = numpy_dtype(dtype)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False

@@ -10,16 +10,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
 from llama3_deploy.config import LlamaConfig, load_config
+from llama3_deploy.dtypes import EXPORT_DTYPES, itemsize
 from llama3_deploy.errors import CheckpointError, DeployError
 
 from .model import ROPE_INV_FREQ, rope_inv_freq
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Non-parameter buffers some older checkpoints saved; recomputed from the config, so safe to skip.
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -193,9 +193,6 @@ class SafetensorsCheckpoint:
         with safe_open(str(self.location[name]), framework="pt") as f:
             return f.get_slice(name)[start:stop]
 
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
 
 # --- Seeded random weights ----------------------------------------------------------------------------
 class RandomWeights:
@@ -210,7 +207,7 @@ class RandomWeights:
     def __init__(self, config: LlamaConfig, *, seed: int = 0, dtype: str = "bfloat16", std: float = 0.02,
                  description: str | None = None):
         self.config, self.seed, self.std = config, seed, std
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = getattr(torch, dtype)
         self.table = name_table(config)
         self.shapes = {e.source: e.source_shape for e in self.table}
         self.description = description or f"random weights (seed {seed})"
@@ -248,16 +245,11 @@ def open_source(spec: str, *, seed: int = 0) -> WeightSource:
         from llama3_deploy.config import preset
         what = spec[len("random:"):]
         config = load_config(Path(what)) if Path(what).is_dir() else preset(what)
-        return RandomWeights(config, seed=seed, dtype=config.source_dtype if config.source_dtype in TORCH_DTYPES
+        return RandomWeights(config, seed=seed, dtype=config.source_dtype if config.source_dtype in EXPORT_DTYPES
                              else "bfloat16", description=f"random weights for {what} (seed {seed})")
     if not Path(spec).exists():
         raise DeployError(f"model not found: {spec} (give a checkpoint directory or random:PRESET)")
     return SafetensorsCheckpoint(spec)
-
-
-def iter_source_tensors(source: WeightSource) -> Iterator[tuple[str, torch.Tensor]]:
-    for e in name_table(source.config):
-        yield e.source, source.get(e.source)
 
 
 def write_checkpoint(source: WeightSource, out_dir: str | os.PathLike, *, shard_bytes: int = 2 << 30,
@@ -274,7 +266,7 @@ def write_checkpoint(source: WeightSource, out_dir: str | os.PathLike, *, shard_
         shards: list[list[WeightEntry]] = [[]]
         size = 0
         for e in table:
-            n = math.prod(e.source_shape) * TORCH_DTYPES.get(config.source_dtype, torch.bfloat16).itemsize
+            n = math.prod(e.source_shape) * itemsize(config.source_dtype if config.source_dtype in EXPORT_DTYPES else "bfloat16")
             if shards[-1] and size + n > shard_bytes:
                 shards.append([])
                 size = 0
@@ -306,7 +298,7 @@ def load_decoder(source: WeightSource, *, dtype: str = "float32", config: LlamaC
     from .model import LlamaDecoder
 
     config = config or source.config
-    tdtype = TORCH_DTYPES[dtype]
+    tdtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = LlamaDecoder(config)
     state = {e.target: target_tensor(source, e, tdtype) for e in name_table(config)}

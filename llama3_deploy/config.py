@@ -226,7 +226,3 @@ def human_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.1f} TiB"
 
-
-def dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int64": 8}[dtype]
-

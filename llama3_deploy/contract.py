@@ -10,6 +10,7 @@ import dataclasses
 from typing import Union
 
 from .config import LlamaConfig
+from .dtypes import EXPORT_DTYPES
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -41,16 +42,10 @@ PRESENT_VALUE_TEMPLATE = "present.%d.value"
 
 Dim = Union[int, str]
 
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# An export directory's files (besides the checkpoint's config, generation config and tokenizer files).
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # every weight, external data beside the graph
 
-
-def normalize_dtype(name: str) -> str:
-    """fp32/fp16/bf16 or float32/float16/bfloat16 -> the canonical name; ValueError otherwise."""
-    canonical = DTYPE_ALIASES.get(name, name)
-    if canonical not in EXPORT_DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join([*DTYPE_ALIASES, *EXPORT_DTYPES])}")
-    return canonical
 LOGITS_DTYPE = "float32"  # logits leave the graph in fp32 whatever the weights' dtype
 
 

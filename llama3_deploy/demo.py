@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args) -> int:
 
-    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.calibration.demo_tokenizer import build_demo_tokenizer
     from llama3_deploy.export.pipeline import copy_tokenizer_files, export_model
     from llama3_deploy.export.weights import RandomWeights, write_checkpoint
 

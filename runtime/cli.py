@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from llama3_deploy.config import dtype_bytes, human_bytes, load_config
+from llama3_deploy.config import human_bytes, load_config
+from llama3_deploy.dtypes import itemsize
 from llama3_deploy.errors import DeployError
 
 from .generate import DEFAULT_PREFILL_CHUNK
@@ -164,8 +165,8 @@ def inspect_model(model_dir: str | Path) -> dict:
         "gqa_ratio": c.gqa_ratio, "vocab_size": c.vocab_size, "context": c.max_position_embeddings,
         "rope_theta": c.rope_theta, "rope_scaling": None if c.rope_scaling is None else vars(c.rope_scaling),
         "tie_word_embeddings": c.tie_word_embeddings, "parameters": n,
-        "bytes": {d: n * dtype_bytes(d) for d in ("float32", "float16", "bfloat16", "int8")},
-        "kv_cache_bytes_per_token": {d: c.kv_bytes_per_token(dtype_bytes(d)) for d in ("float32", "float16")},
+        "bytes": {d: n * itemsize(d) for d in ("float32", "float16", "bfloat16", "int8")},
+        "kv_cache_bytes_per_token": {d: c.kv_bytes_per_token(itemsize(d)) for d in ("float32", "float16")},
         "bos_id": c.bos_token_id, "eos_ids": list(c.eos_token_ids),
     }
     manifest = Path(model_dir) / "manifest.json"

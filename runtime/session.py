@@ -20,14 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from llama3_deploy import contract
+from llama3_deploy.contract import DATA_FILE, MODEL_FILE
+from llama3_deploy.dtypes import FROM_ORT, numpy_dtype
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import Manifest, load_manifest
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-             "tensor(bfloat16)": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +60,7 @@ class DeviceBuffer:
 
     def __init__(self, device: Device, dtype: str, numel: int):
         self.device, self.dtype, self.numel = device, dtype, numel
-        np_dtype = NP_DTYPES[dtype]
+        np_dtype = numpy_dtype(dtype)
         if device.kind == "cpu":
             self.host = np.zeros(numel, dtype=np_dtype)  # the same memory ONNX Runtime reads and writes
             self.ptr = self.host.ctypes.data
@@ -77,15 +74,15 @@ class DeviceBuffer:
         return self.host[: int(np.prod(shape))].reshape(shape)
 
     def _at(self, offset: int) -> int:
-        return self.ptr + offset * np.dtype(NP_DTYPES[self.dtype]).itemsize
+        return self.ptr + offset * np.dtype(numpy_dtype(self.dtype)).itemsize
 
     def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
         """Bind elements [offset, offset + prod(shape)) as input `name`."""
-        binding.bind_input(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape),
+        binding.bind_input(name, self.device.kind, self.device.index, numpy_dtype(self.dtype), list(shape),
                            self._at(offset))
 
     def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
-        binding.bind_output(name, self.device.kind, self.device.index, NP_DTYPES[self.dtype], list(shape),
+        binding.bind_output(name, self.device.kind, self.device.index, numpy_dtype(self.dtype), list(shape),
                             self._at(offset))
 
     def download(self) -> np.ndarray:
@@ -228,7 +225,7 @@ class DecoderSession:
 
     def _check_graph_matches_manifest(self) -> None:
         def describe(values):
-            return [(v.name, ORT_TYPES.get(v.type, v.type), tuple(v.shape)) for v in values]
+            return [(v.name, FROM_ORT.get(v.type, v.type), tuple(v.shape)) for v in values]
 
         got_in, got_out = describe(self.session.get_inputs()), describe(self.session.get_outputs())
         want_in = [(s.name, s.dtype, s.shape) for s in self.io.inputs]

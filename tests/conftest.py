@@ -82,7 +82,7 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tok_checkpoint(tmp_path_factory) -> Path:
     """A tiny model carrying the project's own demo tokenizer (Llama 3 special-token layout, chat template)."""
-    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.calibration.demo_tokenizer import build_demo_tokenizer
     from llama3_deploy.export.pipeline import copy_tokenizer_files
     root = tmp_path_factory.mktemp("tok")
     tok = build_demo_tokenizer(root / "tokenizer", vocab_size=1000)
@@ -101,6 +101,6 @@ def tok_export(tok_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The project's demo tokenizer, built once: (directory, build_demo_tokenizer's summary)."""
-    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.calibration.demo_tokenizer import build_demo_tokenizer
     out = tmp_path_factory.mktemp("demo") / "tokenizer"
     return out, build_demo_tokenizer(out)

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from llama3_deploy import contract
 from llama3_deploy.export import onnx_export, validate
 from llama3_deploy.export.pipeline import export_model
 from llama3_deploy import contract
@@ -21,7 +22,7 @@ from tests.test_model import ATOL, hf_kv, hf_model, left_padded
 
 
 def session(export_dir: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(export_dir / onnx_export.MODEL_FILE), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(export_dir / contract.MODEL_FILE), providers=["CPUExecutionProvider"])
 
 
 def run_onnx(sess, config, ids, mask, pos, past=None):

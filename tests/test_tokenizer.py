@@ -224,7 +224,7 @@ def test_demo_tokenizer_round_trip_and_injection(demo):
 
 
 def test_demo_tokenizer_deterministic_and_atomic(tmp_path):
-    from llama3_deploy.export.demo_tokenizer import build_demo_tokenizer
+    from llama3_deploy.calibration.demo_tokenizer import build_demo_tokenizer
     small = dict(vocab_size=600, max_corpus_chars=300_000)  # a small corpus keeps this fast
     first = build_demo_tokenizer(tmp_path / "first", **small)
     out = tmp_path / "again"
