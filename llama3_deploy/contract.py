@@ -33,6 +33,7 @@ FLAVORS = ("portable", "optimized")
 # Which positions the graph computes logits for: every new position, or only the last (prefill then does
 # one head matmul instead of S). The portable graph always computes all.
 LOGITS_MODES = ("all", "last")
+DEFAULT_LOGITS = {"portable": "all", "optimized": "last"}  # the one place each flavor's default is decided
 
 # Name templates in onnxruntime-genai's "%d" form; the per-layer names below are made from them.
 PAST_KEY_TEMPLATE = "past_key_values.%d.key"

@@ -57,7 +57,7 @@ def load_manifest(model_dir: str | Path) -> Manifest:
         config = LlamaConfig(**cfg)
         io = contract.DecoderIO.from_json(raw["io"])
         dtype = raw["dtype"]
-        logits = raw.get("logits", "all")
+        logits = raw.get("logits", contract.DEFAULT_LOGITS.get(flavor))
         quantization = raw.get("quantization")
         argmax = bool(raw.get("argmax", False))
         expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits, argmax=argmax)
