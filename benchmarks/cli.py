@@ -275,9 +275,7 @@ def _command_line() -> str:
     argv = list(sys.argv)
     if not argv or not argv[0]:
         return "llama3_deploy.benchmarks.cli.bench(...)"
-    if argv[0].endswith(os.path.join("benchmarks", "gpu.py")):
-        argv[0:1] = ["python3", "-m", "llama3_deploy.benchmarks.gpu"]
-    elif argv[0].endswith("__main__.py"):
+    if argv[0].endswith("__main__.py"):
         argv[0:1] = ["python", "-m", "llama3_deploy.benchmarks"]
     elif Path(argv[0]).name in ("llama3-deploy", "__main__.py", "cli.py"):
         argv[0] = "llama3-deploy"

@@ -146,24 +146,6 @@ def test_engine_that_cannot_start_is_recorded(tiny_checkpoint, tmp_path):
     assert "load failed" in errors[0]["error"] and "missing" in errors[0]["error"]
 
 
-def test_gpu_command_cpu_side(tiny_checkpoint, work, tmp_path):
-    """The GPU script's flow without a GPU: build, one process per engine for the run, compiled engine
-    (static cache; the eager backend keeps it fast), table, JSON under --out."""
-    from llama3_deploy.benchmarks import gpu
-    out = tmp_path / "out"
-    rc = gpu.main(["--device", "cpu", "--model", str(tiny_checkpoint), "--dtype", "float32",
-                   "--ort-dtypes", "float32,opt-float32",
-                   "--engines", "ort,torch-eager,torch-compile", "--compile-backend", "eager", "--cells", "8x1,8x2",
-                   "--new-tokens", "4", "--reps", "2", "--out", str(out), "--work-dir", str(work),
-                   "--quick-floor"])
-    assert rc == 0
-    doc = json.loads(next(out.glob("gpu-*.json")).read_text())
-    _check_doc(doc, {"ort", "torch-eager", "torch-compile"}, {(8, 1), (8, 2)}, reps=2)
-    assert {r["key"] for r in doc["results"] if r["kind"] == "ort"} == {"ort:float32", "ort:opt-float32"}
-    assert doc["protocol"]["scope"] == "run" and doc["preflight"]["onnxruntime"]
-    assert (out / "gpu-bench.log").is_file() and list((out / "logs").rglob("*.log"))
-
-
 @pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason="no onnxruntime-genai venv (bash benchmarks/peers/setup_genai.sh)")
 def test_genai_peer_from_its_venv(tiny_checkpoint, work, tmp_path):
     from llama3_deploy.benchmarks.cli import bench

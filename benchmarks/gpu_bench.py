@@ -1,0 +1,168 @@
+"""The bench phase's items in order of value (see benchmarks/gpu.py): correctness, the floor, 8B batch 1 on
+this runtime (CUDA graphs on and off) and PyTorch eager, then batch 4 and 8 and INT4 while the budget lasts."""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+from . import gpu_setup as S
+from .gpu_checks import (DeviceMemory, OrtEngine, TorchEager, correctness, make_prompts, measure_floor,
+                         model_source, row_floor, source_config, timed)
+
+
+def _free() -> None:
+    """Release what the caller dropped: ORT sessions and their device buffers, torch's cached blocks."""
+    gc.collect()
+    import sys
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()
+
+
+def _eager_ratios(doc: dict) -> None:
+    eager = {(r["batch"], r["prompt_len"]): r for r in doc["results"] if r["engine"] == "torch-eager"}
+    for r in doc["results"]:
+        e = eager.get((r["batch"], r["prompt_len"]))
+        if e and r.get("tpot_ms") and e.get("tpot_ms"):
+            r["ratio"]["tpot_to_eager"] = r["tpot_ms"]["p50"] / e["tpot_ms"]["p50"]
+            r["ratio"]["ttft_to_eager"] = r["ttft_ms"] / e["ttft_ms"]
+
+
+class Cells:
+    """Loads engines and times cells, each a row in doc["results"] with its floor and device memory."""
+
+    def __init__(self, b, config, floor: dict):
+        self.b, self.config = b, config
+        self.bw, self.mm = floor["bandwidth"]["bytes_per_s"], floor["matmul"]["flops_per_s"]
+        self.mem = DeviceMemory(b.args.device)
+        self.load_est = 90.0 if b.cuda else 10.0
+        self.cell_est: dict[str, float] = {}
+        self.kv_itemsize = 4 if b.args.dtype == "float32" else 2
+
+    def load(self, name: str, make, *, scale: float = 1.0):
+        b = self.b
+        if b.left() < self.load_est * scale + 20:
+            b.skip(f"8B {name}", f"budget: {b.left():.0f} s left, loading takes ~{self.load_est * scale:.0f} s")
+            return None
+
+        def go():
+            torch_peak = self.b.cuda and name == "torch-eager"
+            if torch_peak:
+                import torch
+                torch.cuda.reset_peak_memory_stats()
+            base = self.mem.used()
+            eng = make()
+            eng.name, eng.base, eng.peak, eng.torch_peak = name, base, 0, torch_peak
+            if name.startswith("ort"):
+                self.load_est = max(eng.load_s, 5.0)
+            b.log(f"{name}: loaded in {eng.load_s:.1f} s")
+            return eng
+        return b.item(f"8B {name} load", go)
+
+    def cell(self, eng, export: Path | None, model: str, dtype: str, batch: int, prompt_len: int,
+             new_tokens: int, *, item: str) -> None:
+        b, args = self.b, self.b.args
+        prompt_len = min(prompt_len, self.config.max_position_embeddings - new_tokens)
+        need = self.cell_est.get(eng.name, 30.0 if b.cuda else 5.0)
+
+        def go():
+            t0 = time.perf_counter()
+            prompts = make_prompts(batch, prompt_len, self.config.vocab_size, seed=args.seed + batch)
+            s = timed(eng, prompts, new_tokens, reps=args.reps, warmup=args.warmup)
+            used = self.mem.used()
+            if used is not None:
+                eng.peak = max(eng.peak, used - eng.base)
+            peak, method = (eng.peak or None), self.mem.method
+            if eng.torch_peak:
+                import torch
+                peak = torch.cuda.max_memory_allocated()
+                method = "torch.cuda.max_memory_allocated since the model was built (tensors; cache reserve excluded)"
+            fl = row_floor(self.config, export, batch, prompt_len, new_tokens, self.bw, self.mm, self.kv_itemsize)
+            row = {"engine": eng.name, "model": model, "dtype": dtype, "batch": batch, "prompt_len": prompt_len,
+                   "new_tokens": new_tokens, **s, "floor": fl,
+                   "ratio": {"tpot_to_floor": s["tpot_ms"]["p50"] / fl["tpot_floor_ms"] if s["tpot_ms"] else None,
+                             "ttft_to_floor": s["ttft_ms"] / fl["ttft_floor_ms"]},
+                   "load_s": round(eng.load_s, 1), "peak_device_bytes": peak, "peak_method": method,
+                   "export": str(export) if export else None, "cell_wall_s": round(time.perf_counter() - t0, 1)}
+            b.doc["results"].append(row)
+            _eager_ratios(b.doc)
+            self.cell_est[eng.name] = 1.3 * row["cell_wall_s"] * (1 + batch / 16)
+            t = s["tpot_ms"] or {}
+            b.log(f"{eng.name} {model} B={batch} prompt {prompt_len} new {new_tokens}: TTFT {s['ttft_ms']:.1f} ms, "
+                  f"TPOT p50 {t.get('p50', float('nan')):.2f} / p90 {t.get('p90', float('nan')):.2f} ms "
+                  f"(floor {fl['tpot_floor_ms']:.2f} ms), peak {'-' if peak is None else f'{peak / 2**30:.2f}'} GiB, "
+                  f"{row['cell_wall_s']} s")
+        b.item(f"{item} {eng.name} B={batch} prompt {prompt_len}", go, need_s=need)
+
+
+def run_items(b, ort_ok: bool) -> None:
+    args, log, doc = b.args, b.log, b.doc
+    device = args.device
+    # 1. correctness on the small model (it needs nothing of the 8B export, which may still be running)
+    if ort_ok:
+        small = b.wait_for(["small-opt-fp32", "small-opt-fp16"], deadline_s=min(180.0, b.left() / 3))
+        small.update(b.wait_for(["small-portable-fp32"], deadline_s=min(45.0, b.left() / 6)))
+        if small:
+            doc["correctness"] = b.item("1 correctness", lambda: correctness(small, device, log=log))
+        else:
+            b.skip("1 correctness", "no small-model export (see gpu-check-prepare.log)")
+    # 2. the floor, measured in this call, then the 8B model at batch 1
+    floor = doc["floor"] = b.item("2 floor", lambda: measure_floor(device))
+    if not floor:
+        return
+    log(f"floor: copy {floor['bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, matmul "
+        f"{floor['matmul']['flops_per_s'] / 1e12:.1f} TFLOP/s")
+    config = source_config(model_source(args.model, b.work))
+    model = args.model.split(":")[-1].split("/")[-1]
+    doc["title"] = (f"GPU check: {model} ({args.dtype}) on {doc['machine'].get('gpu') or device}, this runtime vs "
+                    f"PyTorch eager")
+    doc["model"] = {"name": model, "source": args.model, "parameters": config.num_parameters(),
+                    "config": config.to_hf_dict()}
+    est_ort = 120.0 if b.cuda else 10.0
+    fp16 = b.wait_for(["model-opt"], deadline_s=b.left() - 2 * est_ort).get("model-opt")
+    if fp16 is None:
+        b.skip("8B this runtime", "the 8B export is not there (see gpu-check-prepare.log)")
+    cells = Cells(b, config, floor)
+    P, N, L, NL = args.prompt_len, args.new_tokens, args.long_prompt_len, args.long_new_tokens
+    kept = {}
+    with S.pause_prepare(b.work, log):
+        plan = []
+        if ort_ok and fp16 is not None:
+            if b.cuda:
+                plan.append(("ort-graph", lambda: OrtEngine(fp16, device=device, cuda_graph=True)))
+            plan.append(("ort", lambda: OrtEngine(fp16, device=device, cuda_graph=False)))
+        plan.append(("torch-eager", lambda: TorchEager(config, dtype=args.dtype, device=device, seed=args.seed)))
+        for name, make in plan:
+            eng = cells.load(name, make, scale=0.2 if name == "torch-eager" else 1.0)
+            if eng is None:
+                continue
+            for p, n in ((P, N), (L, NL)):
+                cells.cell(eng, fp16, model, args.dtype, 1, p, n, item="2")
+            if name == "ort" and b.cuda:
+                eng = None  # only the CUDA-graph variant goes on to item 3
+                _free()
+            else:
+                kept[name] = eng
+            eng = None
+        # 3. batch 4 and 8 while the budget lasts
+        for batch in [int(x) for x in args.batches.split(",") if x.strip()]:
+            for eng in kept.values():
+                cells.cell(eng, fp16, model, args.dtype, batch, P, N, item="3")
+        eng = None
+    kept.clear()
+    _free()
+    # 3. INT4 weights, if the prepare phase got to them
+    if not args.int4 or not ort_ok:
+        return
+    q = b.wait_for(["model-opt-int4"], deadline_s=b.left() - 0.6 * cells.load_est - 60).get("model-opt-int4")
+    if q is None:
+        b.skip("3 INT4", "the INT4 export is not there in time (see gpu-check-prepare.log)")
+        return
+    name = "ort-graph-int4" if b.cuda else "ort-int4"
+    with S.pause_prepare(b.work, log):
+        eng = cells.load(name, lambda: OrtEngine(q, device=device, cuda_graph=b.cuda), scale=0.6)
+        if eng is not None:
+            for p, n in ((P, N), (L, NL)):
+                cells.cell(eng, q, model, f"int4/{args.dtype}", 1, p, n, item="3")
+        eng = None
+        _free()
