@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from llama3_deploy import contract
 from llama3_deploy.dtypes import DTYPE_ALIASES, EXPORT_DTYPES
+from llama3_deploy.errors import DeployError
 
 from . import defaults
 from .quantize import QUANT_METHODS, QuantSpec
@@ -51,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .pipeline import export_model  # torch is imported only when exporting
+
+    if not (math.isfinite(args.validate_max_gib) and args.validate_max_gib >= 0):
+        raise DeployError(f"--validate-max-gib must be a finite number >= 0 (got {args.validate_max_gib})")
 
     quant = None
     if args.quantize:

@@ -14,9 +14,10 @@ from typing import Protocol
 
 import torch
 
-from llama3_deploy.config import LlamaConfig, load_config
+from llama3_deploy.config import LlamaConfig, load_config, read_json
 from llama3_deploy.dtypes import EXPORT_DTYPES, itemsize
 from llama3_deploy.errors import CheckpointError, DeployError
+from llama3_deploy.fsutil import contained_file, containment_root
 
 from .model import ROPE_INV_FREQ, rope_inv_freq
 
@@ -82,18 +83,34 @@ class WeightSource(Protocol):
 CONVERT_CHUNK_ROWS = 4096  # source rows read, cast and transposed at once
 
 
+def _check_finite(entry: WeightEntry, part: torch.Tensor, first_row: int) -> None:
+    """A NaN/Inf weight exports fine, may even validate (validation feeds few tokens) and then silently
+    breaks generation: refused here, on every chunk every exported weight passes through."""
+    finite = torch.isfinite(part)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(part.shape[0], -1).any(dim=1).nonzero()[0, 0].item() if part.dim() > 1 else None
+    where = (f", first in row {first_row + bad}" if bad is not None
+             else f", first at index {(~finite).nonzero()[0, 0].item()}")
+    raise CheckpointError(f"tensor {entry.source} has non-finite values (NaN or Inf){where}; "
+                          "the export would produce NaN logits")
+
+
 def target_tensor(source: WeightSource, entry: WeightEntry, dtype: torch.dtype) -> torch.Tensor:
-    """The decoder parameter for one entry: read, transposed if needed, cast; contiguous.
+    """The decoder parameter for one entry: read, checked finite, transposed if needed, cast; contiguous.
 
     Converted in row chunks into a preallocated result, so only the result and one chunk of the
     source are resident (a 128256 x 4096 head: 1 GiB, not 3).
     """
     if len(entry.source_shape) == 1:
-        return source.get(entry.source).to(dtype).contiguous()
+        vector = source.get(entry.source)
+        _check_finite(entry, vector, 0)
+        return vector.to(dtype).contiguous()
     out = torch.empty(entry.target_shape, dtype=dtype)
     rows = entry.source_shape[0]
     for lo in range(0, rows, CONVERT_CHUNK_ROWS):
         part = source.get_rows(entry.source, lo, min(lo + CONVERT_CHUNK_ROWS, rows))  # [r, cols]
+        _check_finite(entry, part, lo)
         (out[:, lo:lo + part.shape[0]] if entry.transpose else out[lo:lo + part.shape[0]]).copy_(
             part.t() if entry.transpose else part)
     return out
@@ -103,13 +120,16 @@ def target_tensor(source: WeightSource, entry: WeightEntry, dtype: torch.dtype) 
 class SafetensorsCheckpoint:
     """A Hugging Face checkpoint directory, opened lazily and checked strictly against the name table.
 
-    Files are opened per tensor and closed again, so no mapping of the whole model stays resident.
+    Files are opened per tensor and closed again, so no mapping of the whole model stays resident. Every file
+    is read through `fsutil.contained_file`: nothing resolving outside the checkpoint (for a hub snapshot,
+    outside its `models--ORG--NAME` folder) is read or copied.
     """
 
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.model_dir}")
+        self.root = containment_root(self.model_dir)
         self.config = load_config(self.model_dir)
         self.description = str(self.model_dir)
         self.files = self._find_files()
@@ -121,25 +141,35 @@ class SafetensorsCheckpoint:
         self.table = name_table(self.config)
         self._check()
 
+    def side_file(self, name: str) -> Path | None:
+        """A file beside the weights (config, generation config, tokenizer files) to read or copy: its resolved
+        path, None when absent; CheckpointError when it resolves outside the checkpoint or is not a file."""
+        return contained_file(self.model_dir, name, what=name, root=self.root)
+
     def _find_files(self) -> list[Path]:
         d = self.model_dir
-        index = d / INDEX_FILE
-        if index.exists():
+        index = self.side_file(INDEX_FILE)
+        if index is not None:
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"malformed {index}: {e}") from None
-            files = sorted({d / f for f in weight_map.values()})
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{INDEX_FILE} names shard files that do not exist: {', '.join(missing)}")
-            for f in files:  # shards must stay inside the checkpoint directory
-                if f.resolve().parent != d.resolve():
-                    raise CheckpointError(f"{INDEX_FILE} points outside the checkpoint directory: {f}")
-            return files
-        files = sorted(d.glob("*.safetensors"))
+                weight_map = read_json(index, what=INDEX_FILE).get("weight_map")
+            except CheckpointError:
+                raise
+            except DeployError as e:  # the index is part of the checkpoint
+                raise CheckpointError(str(e)) from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"malformed {d / INDEX_FILE}: weight_map must map tensor names to file "
+                                      "names")
+            files = {}  # resolved path -> None: one file named twice is read once
+            for name in sorted(set(weight_map.values())):
+                path = contained_file(d, name, what=f"shard {name} named by {INDEX_FILE}", root=self.root)
+                if path is None:
+                    raise CheckpointError(f"{INDEX_FILE} names a shard file that does not exist: {d / name}")
+                files[path] = None
+            return list(files)
+        files = {contained_file(d, p.name, what=p.name, root=self.root): None
+                 for p in sorted(d.glob("*.safetensors"))}
         if files:
-            return files
+            return list(files)
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(
@@ -152,10 +182,15 @@ class SafetensorsCheckpoint:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
+                    if key in self.location:  # a stray copy must not silently override a tensor
+                        raise CheckpointError(f"tensor {key} is in two files, {self.location[key]} and {path}; "
+                                              "remove the stray file")
                     sl = f.get_slice(key)
                     self.location[key] = path
                     self.shapes[key] = tuple(sl.get_shape())
                     self.dtypes[key] = sl.get_dtype()
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from None
 
@@ -262,7 +297,8 @@ def write_checkpoint(source: WeightSource, out_dir: str | os.PathLike, *, shard_
 
     config = source.config
     table = name_table(config)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    # never overwrite the checkpoint being read (a hub snapshot protects its whole repository folder)
+    with atomic_directory(out_dir, overwrite=overwrite, protect=[getattr(source, "model_dir", None)]) as tmp:
         shards: list[list[WeightEntry]] = [[]]
         size = 0
         for e in table:

@@ -14,6 +14,8 @@ from pathlib import Path
 from .config import LlamaConfig
 
 DEMO_BASE_VOCAB = 4000  # + 256 Llama 3 special tokens
+# The demo's ~70 MB of files go to the user's cache, not into the working directory (a repository checkout).
+DEFAULT_WORKDIR = Path.home() / ".cache" / "llama3-deploy" / "demo"
 
 
 def demo_config(vocab_size: int, bos: int, eos: tuple[int, ...]) -> LlamaConfig:
@@ -24,7 +26,8 @@ def demo_config(vocab_size: int, bos: int, eos: tuple[int, ...]) -> LlamaConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="llama3-deploy-demo", help="where the demo's files go (replaced)")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR),
+                   help="where the demo's files go (its tokenizer, checkpoint and exports are replaced)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the latency table")
     p.add_argument("--new-tokens", type=int, default=32, help="forced tokens per latency run")
     p.add_argument("--repeats", type=int, default=3, help="latency repetitions per engine (median reported)")
@@ -41,6 +44,7 @@ def run_demo(args) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[demo] {msg}", flush=True)  # noqa: E731
+    say(f"working directory: {work.resolve()}")
     say("NOTE: the demo model has seeded RANDOM weights; its text is gibberish, its latencies are real.")
 
     say("1/5 building the project's own byte-level BPE tokenizer with the Llama 3 special tokens")

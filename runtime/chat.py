@@ -1,29 +1,24 @@
 """Chat prompts as token ids, kept apart from the Tokenizer as in meta-llama/llama3.
 
 The checkpoint's Jinja chat template is rendered the way transformers renders it (sandboxed,
-trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now), but message content is never
-tokenized together with the template: the template is rendered with a unique sentinel in place of
-each content, the template text around the sentinels is encoded with special-token parsing, and the
-content itself as plain text. A user typing `<|eot_id|>` therefore gets the ids of those characters,
-and the ids match Meta's reference, which also encodes each content separately.
+trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now), under resource limits (template.py),
+but message content is never tokenized together with the template: the template is rendered with a
+unique sentinel in place of each content, the template text around the sentinels is encoded with
+special-token parsing, and the content itself as plain text. A user typing `<|eot_id|>` therefore
+gets the ids of those characters, and the ids match Meta's reference, which also encodes each
+content separately.
 """
 from __future__ import annotations
 
-import json
 import re
 import secrets
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from llama3_deploy.errors import DeployError
 
-from .tokenizer import Tokenizer
+from .template import compile_chat_template, render_chat_template
+from .tokenizer import Tokenizer, check_unicode
 
 # Used when a checkpoint ships no chat_template: Meta's Llama 3 Instruct format
 # (content stripped, as Meta's ChatFormat.encode_message does).
@@ -37,47 +32,6 @@ LLAMA3_INSTRUCT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 _LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
-class _GenerationTag(Extension):
-    """Accept transformers' `{% generation %}...{% endgeneration %}` (assistant masks) and render its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(lineno)
-
-    def _passthrough(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # transformers' tojson: unlike Jinja's built-in it does not HTML-escape.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the sandboxed environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise DeployError(f"chat template has a syntax error (line {e.lineno}): {e.message}") from e
 
 
 def select_chat_template(template: str | list | None, name: str | None = None) -> str | None:
@@ -108,6 +62,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
                 raise DeployError(f"message {i} has no {key!r}")
             if not isinstance(m[key], str):
                 raise DeployError(f"message {i}: {key!r} must be a str, not {type(m[key]).__name__}")
+            check_unicode(m[key], f"message {i}: {key!r}")
         extra = sorted(set(m) - {"role", "content"})
         if extra:
             # Other fields would be rendered as trusted template text, so they are refused, not dropped.
@@ -142,7 +97,15 @@ class ChatFormat:
                                   f"the tokenizer lacks the Llama 3 chat tokens {missing} for the default format")
             source = LLAMA3_INSTRUCT_TEMPLATE
         self.template_source = source
-        self._template = compile_chat_template(source)
+        # A broken template is reported when a chat prompt is built, not here: loading an export must
+        # not fail for uses that never render it (token-id or plain-text prompts). Compiling runs no
+        # template code (see template.py), so it cannot hang.
+        self._template: Any = None
+        self._template_error: str | None = None
+        try:
+            self._template = compile_chat_template(source)
+        except DeployError as e:
+            self._template_error = str(e)
         cfg = tokenizer.config
         bos = cfg.get("bos_token")
         eos = cfg.get("eos_token")
@@ -151,17 +114,21 @@ class ChatFormat:
             "eos_token": _content(eos) or ("" if tokenizer.eos_id is None else tokenizer.id_to_token(tokenizer.eos_id)),
         }
 
+    @property
+    def template_error(self) -> str | None:
+        """Why the chat template cannot be used (it fails to compile), or None; chat prompts raise it."""
+        return self._template_error
+
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, template_name: str | None = None) -> "ChatFormat":
         """Tokenizer and chat template of a checkpoint or tokenizer directory."""
         return cls(Tokenizer.from_dir(model_dir), template_name=template_name)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=bool(add_generation_prompt), **self._variables)
-        except jinja2.TemplateError as e:
-            raise DeployError(f"chat template rejected the messages: {e}") from e
+        if self._template_error is not None:
+            raise DeployError(self._template_error)
+        return render_chat_template(self._template, messages=messages, tools=None, documents=None,
+                                    add_generation_prompt=bool(add_generation_prompt), **self._variables)
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt as text (for display; use `encode_dialog` to get ids)."""

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from llama3_deploy.config import human_bytes, load_config
 from llama3_deploy.dtypes import itemsize
+from llama3_deploy.contract import TOKENIZER_FILES
 from llama3_deploy.errors import DeployError
+from llama3_deploy.manifest import MANIFEST_FILE, load_manifest
 
 from .generate import DEFAULT_PREFILL_CHUNK
 from .sampling import SamplingParams
 
 _S = SamplingParams()
+CHAT_MAX_NEW_TOKENS = 512  # a long answer, yet a runaway reply ends in seconds on a GPU, a minute or two on a CPU
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:
@@ -25,8 +28,8 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill run")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=_S.max_new_tokens)
+def _sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = _S.max_new_tokens) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens per reply")
     p.add_argument("--temperature", type=float, default=_S.temperature, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=_S.top_k, help="0 disables")
     p.add_argument("--top-p", type=float, default=_S.top_p)
@@ -60,14 +63,21 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _parse_ids(text: str, option: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DeployError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise DeployError(f"{option} holds no ids")
+    return ids
+
+
 def run_generate(args) -> int:
     params = _params(args)
     gen = _generator(args)
     if args.prompt_ids is not None:
-        try:
-            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise DeployError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        prompt = _parse_ids(args.prompt_ids, "--prompt-ids")
     elif args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
@@ -76,6 +86,11 @@ def run_generate(args) -> int:
     if args.json:
         r = gen.generate(prompt, params)
         print(json.dumps(r.to_json(), ensure_ascii=False))
+        return 0
+    if gen.tokenizer is None:  # no text to stream: print the generated ids rather than an empty line
+        r = gen.generate(prompt, params)
+        print(",".join(map(str, r.generated_ids)))
+        print(f"({args.model} has no tokenizer: printed token ids; finish: {r.finish_reason})", file=sys.stderr)
         return 0
     for delta in gen.stream(prompt, params):
         sys.stdout.write(delta)
@@ -87,8 +102,8 @@ def run_generate(args) -> int:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     _session_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    _sampling_args(p)
-    p.set_defaults(run=run_chat, max_new_tokens=512)
+    _sampling_args(p, max_new_tokens=CHAT_MAX_NEW_TOKENS)
+    p.set_defaults(run=run_chat)
 
 
 def run_chat(args) -> int:
@@ -105,14 +120,25 @@ def run_chat(args) -> int:
             break
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
+            print("(conversation cleared" + (", system prompt kept)" if args.system else ")"), file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         sys.stdout.write("assistant> ")
-        reply = ""
-        for delta in gen.stream(messages, params):
-            reply += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        reply, stream = "", gen.stream(messages, params)
+        try:
+            while True:
+                try:
+                    delta = next(stream)
+                except StopIteration as done:  # the stream's return value is the GenerationResult
+                    if done.value is not None and done.value.finish_reason == "length":
+                        sys.stdout.write(f" [cut at --max-new-tokens {params.max_new_tokens}]")
+                    break
+                reply += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C ends this reply; the conversation goes on with what was shown
+            stream.close()
+            sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply})
     return 0
@@ -129,15 +155,15 @@ def add_tokens_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_tokens(args) -> int:
     from .tokenizer import Tokenizer
-    tok = Tokenizer.from_dir(args.model)
+    model = Path(args.model)
+    # A tokenizer file names its directory (tokenizer.json or tokenizer.model beside the other files).
+    tok = Tokenizer.from_dir(model.parent if model.is_file() and model.name in TOKENIZER_FILES else model)
     if args.ids:
-        try:
-            ids = [int(x) for x in args.ids.split(",") if x.strip()]
-        except ValueError:
-            raise DeployError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        ids = _parse_ids(args.ids, "--ids")
+        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+        if bad:  # all checked before any line is printed
+            raise DeployError(f"ids outside the vocabulary [0, {tok.vocab_size}): {bad[:5]}")
         for i in ids:
-            if not 0 <= i < tok.vocab_size:
-                raise DeployError(f"id {i} is outside the vocabulary [0, {tok.vocab_size})")
             print(f"{i}\t{tok.id_to_token(i)}\t{tok.decode([i])!r}")
         return 0
     if not args.query:
@@ -169,9 +195,10 @@ def inspect_model(model_dir: str | Path) -> dict:
         "kv_cache_bytes_per_token": {d: c.kv_bytes_per_token(itemsize(d)) for d in ("float32", "float16")},
         "bos_id": c.bos_token_id, "eos_ids": list(c.eos_token_ids),
     }
-    manifest = Path(model_dir) / "manifest.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
+    present = [n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]
+    info["tokenizer_files"] = present
+    if (Path(model_dir) / MANIFEST_FILE).is_file():
+        m = load_manifest(model_dir).raw
         info["export"] = {"dtype": m.get("dtype"), "flavor": m.get("flavor"), "opset": m.get("opset"),
                           "logits": m.get("logits", "all"), "quantization": m.get("quantization"),
                           "argmax": bool(m.get("argmax")), "source": m.get("source", {}).get("description")}
@@ -195,6 +222,9 @@ def run_inspect(args) -> int:
     print("  KV cache per token: " + ", ".join(
         f"{d} {human_bytes(b)}" for d, b in info["kv_cache_bytes_per_token"].items()))
     print(f"  bos {info['bos_id']}, eos {info['eos_ids']}")
+    print(f"  tokenizer: {', '.join(info['tokenizer_files'])}" if info["tokenizer_files"] else
+          "  tokenizer: none (text prompts and chat need one; an export takes it from its checkpoint or from "
+          "--tokenizer DIR; token ids work without)")
     if "export" in info:
         e = info["export"]
         q = e["quantization"]

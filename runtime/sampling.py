@@ -3,16 +3,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+import numbers
+from typing import Any, Sequence
 
 import numpy as np
 
 from llama3_deploy.errors import DeployError
 
+from .tokenizer import check_unicode
+
+MAX_STOP_STRINGS = 16    # stop strings per request: each one is searched for after every token
+MAX_STOP_CHARS = 256     # characters per stop string
+SEED_LIMIT = 1 << 64     # seeds are integers in [0, 2**64); None draws a fresh random seed
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    Integers must be real integers (bool is refused: `top_k=True` is a mistake, not 1); `seed=None`
+    draws a random seed, other seeds are integers in [0, 2**64); `stop` is a list or tuple of at most
+    MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS characters each.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -25,28 +37,60 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             problems.append(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r})")
         if not _finite(self.temperature) or self.temperature < 0:
             problems.append(f"temperature must be >= 0 (got {self.temperature!r}); 0 means greedy")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r}); 0 disables it")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
         if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r})")
-        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append("stop must be a sequence of non-empty strings")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            problems.append(f"seed must be an integer in [0, 2**64), or None for a random seed (got {self.seed!r})")
+        problems += _stop_problems(self.stop)
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            problems.append(f"ignore_eos must be True or False (got {self.ignore_eos!r})")
         if problems:
             raise DeployError("invalid sampling parameters: " + "; ".join(problems))
+        # Normal forms (numpy scalars -> Python numbers, a list of stops -> tuple) keep the dataclass hashable.
+        for name, kind in (("max_new_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
+                           ("top_p", float), ("repetition_penalty", float)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+
+
+def _stop_problems(stop: Any) -> list[str]:
+    if not isinstance(stop, (list, tuple)):
+        return [f"stop must be a list or tuple of strings, not {type(stop).__name__} "
+                "(wrap a single stop string in a list)"]
+    if len(stop) > MAX_STOP_STRINGS:
+        return [f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed"]
+    for k, s in enumerate(stop):
+        if not isinstance(s, str) or not s:
+            return [f"stop[{k}] must be a non-empty string (got {s!r:.40})"]
+        if len(s) > MAX_STOP_CHARS:
+            return [f"stop[{k}] has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed"]
+        try:
+            check_unicode(s, f"stop[{k}]")
+        except DeployError as e:
+            return [str(e)]
+    return []
 
 
 class Sampler:
@@ -55,6 +99,11 @@ class Sampler:
     Each row has its own seeded generator, so a row's tokens do not depend on the batch it ran in.
     Work per step is O(vocabulary), independent of the context length: the repetition penalty keeps
     a per-row mask of seen ids instead of rescanning the context.
+
+    The arithmetic is in float64 and never divides an unshifted logit by the temperature: logits are
+    shifted so the best is 0 first, so a denormal temperature (1e-320) or an extreme penalty gives
+    -inf for the others (greedy in the limit) instead of inf - inf = NaN. Infinite logits share the
+    probability; NaN logits are never picked.
     """
 
     def __init__(self, params: SamplingParams, rows: int, vocab_size: int, *,
@@ -70,22 +119,38 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, row: int) -> int:
         p = self.params
+        x = logits
         if self.seen is not None:
             seen = self.seen[row]
-            logits = np.where(seen, np.where(logits > 0, logits / p.repetition_penalty,
-                                             logits * p.repetition_penalty), logits)
-        token = int(np.argmax(logits)) if p.greedy else self._sample(logits, self.rngs[row])
+            x = logits.astype(np.float64)  # a tiny or huge penalty then overflows to +-inf, never raises
+            with np.errstate(over="ignore", under="ignore"):
+                v = x[seen]
+                x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        token = int(np.argmax(x))
+        best = x[token]
+        if np.isnan(best) or best == -np.inf:  # a NaN wins argmax: drop NaNs, then something finite must remain
+            x = np.where(np.isnan(x), -np.inf, x)
+            token = int(np.argmax(x))
+            best = x[token]
+            if best == -np.inf:
+                raise DeployError("the model produced no usable logits (all are NaN or -inf)")
+        if not p.greedy:
+            token = self._sample(x, float(best), self.rngs[row])
         if self.seen is not None:
             self.seen[row, token] = True
         return token
 
-    def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+    def _sample(self, x: np.ndarray, best: float, rng: np.random.Generator) -> int:
         p = self.params
-        scaled = logits.astype(np.float64) / p.temperature
+        if best == np.inf:  # infinitely likely tokens take all the probability, evenly
+            scaled = np.where(x == np.inf, 0.0, -np.inf)
+        else:
+            with np.errstate(over="ignore", under="ignore"):
+                scaled = (x.astype(np.float64, copy=False) - best) / p.temperature  # <= 0, the best exactly 0
         k = p.top_k if 0 < p.top_k < scaled.size else scaled.size
         cand = np.argpartition(-scaled, k - 1)[:k] if k < scaled.size else np.arange(scaled.size)
         cand = cand[np.argsort(-scaled[cand], kind="stable")]  # candidates, most likely first
-        probs = np.exp(scaled[cand] - scaled[cand[0]])
+        probs = np.exp(scaled[cand])  # the first is exp(0) = 1, so the sum is >= 1
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)

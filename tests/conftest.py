@@ -50,7 +50,7 @@ def shared_dir() -> Path:
     value = os.environ.get(SHARED_ENV)
     if not value:
         pytest.skip(f"{SHARED_ENV} is not set (it points at the real Llama 3 tokenizer and configs; .ci/run sets it)")
-    path = Path(value)
+    path = Path(value).resolve()  # relative values are the README's (../shared/llama3); fixtures link to it from tmp
     if not (path / "tokenizer" / "tokenizer.json").is_file() or not (path / "tokenizer" / "tokenizer.model").is_file():
         pytest.skip(f"{SHARED_ENV}={value} lacks tokenizer/tokenizer.json and tokenizer/tokenizer.model")
     return path
