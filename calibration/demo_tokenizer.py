@@ -19,7 +19,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from llama3_deploy.errors import DeployError
 from llama3_deploy.fsutil import atomic_directory, check_output_dir
-from llama3_deploy.runtime.tokenizer import LLAMA3_PATTERN, llama3_special_token_names
+from llama3_deploy.runtime.bpe import LLAMA3_PATTERN
+from llama3_deploy.runtime.tokenizer import llama3_special_token_names
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|eot_id|>"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from llama3_deploy.dtypes import onnx_type
 from llama3_deploy.config import LlamaConfig
 
 from .model import LlamaDecoder
+from .spec import ExportSpec
 from .weights import WeightSource, derived_tensors, name_table, target_tensor
 
 OPSET = 18
@@ -28,6 +30,7 @@ OPSET = 18
 # beyond the single tensor being converted.
 WRITE_BUDGET_BYTES = 256 << 20
 ALIGNMENT = 65536  # aligned external data lets ONNX Runtime map it directly
+EXTERNAL_THRESHOLD_BYTES = 1024  # larger tensors go to the external data file
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -37,9 +40,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def trace(config: LlamaConfig, dtype: str) -> ir.Model:
-    """Export the decoder graph with meta weights; inputs, outputs and axes named by the contract."""
-    io = contract.decoder_io(config, dtype)
+def trace(spec: ExportSpec) -> ir.Model:
+    """Export the decoder graph with meta weights; inputs, outputs and axes named by the spec's contract."""
+    config, dtype, io = spec.config, spec.dtype, spec.io
     tdtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = LlamaDecoder(config).to(tdtype)
@@ -111,12 +114,11 @@ def apply_contract(model: ir.Model, io: contract.DecoderIO) -> None:
             v.shape = ir.Shape(list(spec.shape))
 
 
-def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, dtype: str) -> int:
+def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, dtype: str) -> None:
     """Replace the traced meta initializers with lazy tensors that read the source on demand."""
     tdtype = getattr(torch, dtype)
     by_target = {e.target: e for e in name_table(config)}
     derived = derived_tensors(config)
-    total = 0
     for name, value in model.graph.initializers.items():
         shape = ir.Shape(list(value.shape))
         if name in by_target:
@@ -130,21 +132,38 @@ def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, d
         elif value.const_value is None:
             raise RuntimeError(f"traced initializer {name} is neither a checkpoint weight nor a derived buffer")
         # else: a small constant the optimizer folded; it already holds its value
-        total += value.const_value.nbytes
     missing = set(by_target) - set(model.graph.initializers)
     if missing:
         raise RuntimeError(f"weights not used by the traced graph: {sorted(missing)[:5]}")
-    return total
 
 
-def save(model: ir.Model, out_dir: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> Path:
-    """Write model.onnx and its single external data file, one tensor at a time."""
+def _writer_options() -> dict:
+    """One writer, a bounded in-flight budget, aligned data: onnx-ir 1.1's options. onnx-ir 1.0 (on the GPU
+    machine) lacks them; it writes one tensor at a time anyway, and ONNX Runtime reads unaligned external data
+    (by copying instead of mapping it), so there the export saves without them."""
+    import inspect
+
+    wanted = {"max_workers": 1, "max_in_flight_bytes": WRITE_BUDGET_BYTES, "alignment": ALIGNMENT}
+    accepted = inspect.signature(ir.save).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def save(model: ir.Model, out_dir: str | os.PathLike, *, progress: bool = False, desc: str = "writing weights") -> Path:
+    """Write model.onnx and its single external data file, one tensor at a time (a byte progress bar that
+    ends at 100%: it counts exactly the tensors written as external data)."""
+    from tqdm import tqdm
+
     out = Path(out_dir) / MODEL_FILE
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if v.const_value is not None and v.const_value.nbytes > EXTERNAL_THRESHOLD_BYTES)
+    pending = [0]  # the tensor announced last: counted once the next one starts, or when saving returns
 
-    def callback(tensor, info) -> None:
-        if progress is not None:
-            progress(tensor.nbytes)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
+        def callback(tensor, info) -> None:
+            bar.update(pending[0])
+            pending[0] = tensor.nbytes
 
-    ir.save(model, out, external_data=DATA_FILE, size_threshold_bytes=1024, callback=callback, max_workers=1,
-            max_in_flight_bytes=WRITE_BUDGET_BYTES, alignment=ALIGNMENT)
+        ir.save(model, out, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+                callback=callback, **_writer_options())
+        bar.update(pending[0])
     return out

@@ -28,6 +28,7 @@ from llama3_deploy.dtypes import numpy_dtype, onnx_type
 from .model import rope_cos_sin
 from .quantize import (QuantSpec, gather_block_quantized_attributes, matmul_nbits_attributes, quantize_embedding,
                        quantize_matrix, quantized_layout)
+from .spec import ExportSpec
 from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
 
 OPSET = 18
@@ -99,14 +100,13 @@ def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarr
     return _np(cos[0, 0, :, :half].to(getattr(torch, dtype))), _np(sin[0, 0, :, :half].to(getattr(torch, dtype)))
 
 
-def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str = "last",
-          quant: QuantSpec | None = None, argmax: bool = False) -> ir.Model:
-    """The optimized decoder graph for `config`, its weights bound lazily to `source`; with argmax it also
+def build(source: WeightSource, spec: ExportSpec) -> ir.Model:
+    """The optimized decoder graph for the spec, its weights bound lazily to `source`; with argmax it also
     returns the greedy ids (contract.NEXT_TOKEN)."""
+    dtype, logits, quant, argmax, io = spec.dtype, spec.logits, spec.quantization, spec.argmax, spec.io
     if dtype not in GRAPH_DTYPES:
         raise ValueError(f"the optimized flavor supports float32 and float16, not {dtype}")
-    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
-    c = config
+    c = spec.config
     E, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     T = ir.DataType(onnx_type(dtype))
     w = _Weights(source, c, dtype, quant)
@@ -118,8 +118,8 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         w.values.append(v)
         return v
 
-    def value(spec: contract.TensorSpec) -> ir.Value:
-        return ir.Value(name=spec.name, type=ir.TensorType(ir.DataType(onnx_type(spec.dtype))), shape=ir.Shape(list(spec.shape)))
+    def value(t: contract.TensorSpec) -> ir.Value:
+        return ir.Value(name=t.name, type=ir.TensorType(ir.DataType(onnx_type(t.dtype))), shape=ir.Shape(list(t.shape)))
 
     inputs = [value(s) for s in io.inputs]
     ids, mask = inputs[0], inputs[1]
@@ -209,10 +209,10 @@ def build(source: WeightSource, config: LlamaConfig, dtype: str, *, logits: str 
         graph_outputs.append(tape.op("ArgMax", [logits_value], {"axis": -1, "keepdims": 0},
                                      output=ir.Value(name=contract.NEXT_TOKEN)))
     graph_outputs += presents
-    for v, spec in zip(graph_outputs, io.outputs, strict=True):  # the contract's order, types and axes
-        if v.name != spec.name:
-            raise RuntimeError(f"graph output {v.name} where the contract has {spec.name}")
-        v.type, v.shape = ir.TensorType(ir.DataType(onnx_type(spec.dtype))), ir.Shape(list(spec.shape))
+    for v, out in zip(graph_outputs, io.outputs, strict=True):  # the contract's order, types and axes
+        if v.name != out.name:
+            raise RuntimeError(f"graph output {v.name} where the contract has {out.name}")
+        v.type, v.shape = ir.TensorType(ir.DataType(onnx_type(out.dtype))), ir.Shape(list(out.shape))
     graph = ir.Graph(inputs, graph_outputs, nodes=tape.nodes, initializers=w.values,
                      opset_imports={"": OPSET, MS_DOMAIN: 1}, name="llama3_decoder_optimized")
     return ir.Model(graph, ir_version=10, producer_name="llama3-deploy")

@@ -11,16 +11,17 @@ from pathlib import Path
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig, human_bytes
-from llama3_deploy.dtypes import itemsize, normalize_dtype
+from llama3_deploy.dtypes import itemsize
 from llama3_deploy.errors import DeployError
-from llama3_deploy.fsutil import atomic_directory, check_output_dir
-from llama3_deploy.manifest import MANIFEST_FILE, tool_versions
+from llama3_deploy.fsutil import atomic_directory, check_output_dir, contained_file
+from llama3_deploy.manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_FILE, tool_versions
 
-from . import defaults, genai, onnx_export, optimized, validate
+from . import defaults, flavors, genai, onnx_export, validate
+from .flavors import ExpectedWeights
 from .quantize import QuantSpec
+from .spec import ExportSpec
 from .weights import SafetensorsCheckpoint, WeightSource, name_table, open_source
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 REDUCED_MAX_LAYERS = 2
 REDUCED_VOCAB = 32768
 
@@ -39,10 +40,14 @@ class ExportResult:
                  + (", in-graph argmax" if m.get("argmax") else "")
                  + f"), dtype {m['dtype']}, opset {m['opset']}, {m['config']['num_hidden_layers']} layers, "
                  f"{m['parameters'] / 1e6:,.1f} M parameters",
-                 f"  files: model.onnx {human_bytes(m['files']['model.onnx'])}, "
+                 f"  files: {contract.MODEL_FILE} {human_bytes(m['files'][contract.MODEL_FILE])}, "
                  f"{contract.DATA_FILE} {human_bytes(m['files'][contract.DATA_FILE])}",
                  f"  time {m['timings']['total_s']:.1f} s (trace {m['timings']['trace_s']:.1f} s, "
                  f"write {m['timings']['write_s']:.1f} s, validate {m['timings']['validate_s']:.1f} s)"]
+        tok = m.get("tokenizer_files") or []
+        lines.append(f"  tokenizer: {', '.join(tok)}" if tok else
+                     "  tokenizer: none (text prompts and chat need one: export again with --tokenizer DIR; "
+                     "token ids work without)")
         num = v.get("numeric")
         if isinstance(num, dict):
             for s in num["steps"]:
@@ -62,83 +67,55 @@ def weight_bytes(config: LlamaConfig, dtype: str, *, layers: int | None = None) 
     return sum(math.prod(e.source_shape) for e in name_table(cfg)) * itemsize(dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class GraphOptions:
-    """Which graph to build: the flavor, the logits it computes, weight-only quantization and in-graph greedy
-    ids (the last two optimized only)."""
-
-    flavor: str = defaults.FLAVOR
-    logits: str = "all"
-    quantization: QuantSpec | None = None
-    argmax: bool = False
-
-    def check(self, config: LlamaConfig, dtype: str) -> None:
-        if self.flavor not in contract.FLAVORS:
-            raise DeployError(f"unknown --flavor {self.flavor!r}; choose one of {', '.join(contract.FLAVORS)}")
-        if self.logits not in contract.LOGITS_MODES:
-            raise DeployError(f"unknown --logits {self.logits!r}; choose one of {', '.join(contract.LOGITS_MODES)}")
-        if self.flavor == "portable" and (self.logits != "all" or self.quantization is not None or self.argmax):
-            raise DeployError("the portable flavor computes logits for every position and has no weight-only "
-                              "quantization (that is ONNX Runtime's MatMulNBits) or in-graph argmax; "
-                              "use --flavor optimized")
-        if self.flavor == "optimized" and dtype == "bfloat16":
-            raise DeployError("the optimized flavor supports fp32 and fp16 (ONNX Runtime's CPU kernels for "
-                              "GroupQueryAttention have no bfloat16)")
-        if self.quantization is not None:
-            self.quantization.check(config)
-
-    def to_json(self) -> dict:
-        return {"flavor": self.flavor, "logits": self.logits, "argmax": self.argmax,
-                "quantization": self.quantization.to_json() if self.quantization else None}
-
-    def io(self, config: LlamaConfig, dtype: str) -> contract.DecoderIO:
-        return contract.decoder_io(config, dtype, flavor=self.flavor, logits=self.logits, argmax=self.argmax)
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[export] {message}", file=sys.stderr, flush=True)
 
 
-def _write_graph(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, out_dir: Path, *,
-                 progress: bool, desc: str) -> tuple[dict, dict]:
-    """Build or trace the graph, then stream its weights to disk. Returns (timings, the weights' layout for
-    validate.check_structure)."""
-    from tqdm import tqdm
-
+def _write_graph(source: WeightSource, spec: ExportSpec, out_dir: Path, *, progress: bool,
+                 what: str = "") -> tuple[dict, ExpectedWeights]:
+    """Build (or trace) the spec's graph, then stream its weights to disk. Returns (timings, the weights the
+    saved graph must hold, for validate.check_structure)."""
+    flavor = flavors.flavor(spec)
+    _say(progress, f"building the {spec.flavor} graph{what} ({spec.config.num_hidden_layers} layers)")
     t0 = time.perf_counter()
-    if graph.flavor == "portable":
-        model = onnx_export.trace(config, dtype)
-        t1 = time.perf_counter()
-        total = onnx_export.attach_weights(model, source, config, dtype)
-        expected = validate.portable_initializers(config, dtype)
-    else:
-        model = optimized.build(source, config, dtype, logits=graph.logits, quant=graph.quantization,
-                                argmax=graph.argmax)
-        t1 = time.perf_counter()
-        total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-        expected = optimized.expected_initializers(model)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr) as bar:
-        onnx_export.save(model, out_dir, progress=bar.update)
-    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}, expected
+    model = flavor.build(source, spec)
+    t1 = time.perf_counter()
+    _say(progress, f"graph built in {t1 - t0:.1f} s; writing weights{what}")
+    onnx_export.save(model, out_dir, progress=progress, desc=f"writing weights{what}")
+    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}, flavor.expected_weights(model, spec)
 
 
 def _copy_side_files(source: WeightSource, tmp: Path, tokenizer_dir: Path | None) -> list[str]:
-    config = source.config
-    src_dir = source.model_dir if isinstance(source, SafetensorsCheckpoint) else None
-    if src_dir is not None:
-        shutil.copyfile(src_dir / "config.json", tmp / "config.json")
-    else:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    if src_dir is not None and (src_dir / "generation_config.json").exists():
-        shutil.copyfile(src_dir / "generation_config.json", tmp / "generation_config.json")
-    else:
-        (tmp / "generation_config.json").write_text(json.dumps(config.generation_dict(), indent=2))
-    tok_src = tokenizer_dir or src_dir
+    """The checkpoint's config and generation config (written from the config for random weights), and the
+    tokenizer files; every file copied resolves inside its directory (fsutil.contained_file)."""
+    ckpt = source if isinstance(source, SafetensorsCheckpoint) else None
+    for name, made in (("config.json", source.config.to_hf_dict), ("generation_config.json",
+                                                                    source.config.generation_dict)):
+        path = ckpt.side_file(name) if ckpt is not None else None
+        if path is not None:
+            shutil.copyfile(path, tmp / name)
+        else:
+            (tmp / name).write_text(json.dumps(made(), indent=2))
+    tok_src = tokenizer_dir or (ckpt.model_dir if ckpt is not None else None)
     return copy_tokenizer_files(tok_src, tmp) if tok_src is not None else []
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files `src` has into `dst`; returns their names."""
-    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
-    for name in copied:
-        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    """Copy the tokenizer files `src` has into `dst` (a link resolving outside `src` is refused); their names."""
+    copied = []
+    for name in contract.TOKENIZER_FILES:
+        path = contained_file(src, name, what=name)
+        if path is not None:
+            shutil.copyfile(path, Path(dst) / name)
+            copied.append(name)
     return copied
+
+
+def _inputs(model: str, tokenizer_dir: Path | None) -> list[Path]:
+    """The directories an export reads: its output must neither be nor contain them."""
+    spec = model[len("random:"):] if model.startswith("random:") else model
+    return [p for p in (Path(spec), tokenizer_dir) if p is not None and p.is_dir()]
 
 
 def _ort_working_bytes(config: LlamaConfig, dtype: str, providers: list[str]) -> int:
@@ -157,38 +134,32 @@ def reduced_config(config: LlamaConfig) -> LlamaConfig:
                                vocab_size=min(config.vocab_size, REDUCED_VOCAB))
 
 
-def _check_numerics(path: Path, source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions,
-                    providers: list[str]) -> dict:
-    if graph.flavor == "portable":
-        return validate.check_numerics(path, source, config, dtype, providers=providers)
-    return validate.check_numerics_optimized(path, source, config, dtype, logits=graph.logits,
-                                             quant=graph.quantization, argmax=graph.argmax, providers=providers)
-
-
-def _validate(source: WeightSource, config: LlamaConfig, dtype: str, graph: GraphOptions, tmp: Path,
-              expected: dict, *, max_bytes: int, progress: bool) -> dict:
-    io = graph.io(config, dtype)
-    structure = validate.check_structure(tmp / contract.MODEL_FILE, io, expected)
-    providers = validate.numeric_providers(dtype)
+def _validate(source: WeightSource, spec: ExportSpec, tmp: Path, expected: ExpectedWeights, *, max_bytes: int,
+              progress: bool) -> dict:
+    _say(progress, "validating: structure (onnx.checker, I/O contract, every weight's shape)")
+    structure = validate.check_structure(tmp / contract.MODEL_FILE, spec.io, expected)
+    providers = validate.numeric_providers(spec.dtype)
     if providers is None:
         return {"structure": structure, "numeric": "skipped: ONNX Runtime runs bfloat16 graphs only on its "
                 "CUDA execution provider, which this machine lacks"}
-    if _ort_working_bytes(config, dtype, providers) <= max_bytes:
-        numeric = _check_numerics(tmp / contract.MODEL_FILE, source, config, dtype, graph, providers)
+    if _ort_working_bytes(spec.config, spec.dtype, providers) <= max_bytes:
+        _say(progress, "validating: ONNX Runtime against the streamed PyTorch reference")
+        numeric = flavors.check_numerics(tmp / contract.MODEL_FILE, source, spec, providers=providers)
         return {"structure": structure, "numeric": {**numeric, "reduced": False}}
     # Too large to run whole beside everything else: export a reduced graph of the same checkpoint
     # and validate that numerically; the full graph was checked structurally above.
-    reduced = reduced_config(config)
+    reduced = spec.with_config(reduced_config(spec.config))
     sub = tmp / ".validate-reduced"
     sub.mkdir()
     try:
-        _write_graph(source, reduced, dtype, graph, sub, progress=progress,
-                     desc=f"reduced export ({reduced.num_hidden_layers} layers, {reduced.vocab_size} vocab rows)")
-        numeric = _check_numerics(sub / contract.MODEL_FILE, source, reduced, dtype, graph, providers)
+        _write_graph(source, reduced, sub, progress=progress,
+                     what=f" of the reduced graph ({reduced.config.vocab_size} vocabulary rows)")
+        _say(progress, "validating the reduced graph: ONNX Runtime against the streamed PyTorch reference")
+        numeric = flavors.check_numerics(sub / contract.MODEL_FILE, source, reduced, providers=providers)
     finally:
         shutil.rmtree(sub, ignore_errors=True)
     return {"structure": structure,
-            "numeric": {**numeric, "reduced": True, "vocab_rows_validated": reduced.vocab_size}}
+            "numeric": {**numeric, "reduced": True, "vocab_rows_validated": reduced.config.vocab_size}}
 
 
 def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE, flavor: str = defaults.FLAVOR,
@@ -206,40 +177,35 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
     """
-    try:
-        dtype = normalize_dtype(dtype)
-    except ValueError as e:
-        raise DeployError(str(e)) from None
-    graph = GraphOptions(flavor, logits or ("last" if flavor == "optimized" else "all"), quantization, argmax)
-    check_output_dir(output, overwrite=overwrite)
+    if not isinstance(validate_max_bytes, int) or isinstance(validate_max_bytes, bool) or validate_max_bytes < 0:
+        raise DeployError(f"validate_max_bytes must be an integer >= 0 (got {validate_max_bytes!r})")
     tokenizer_dir = Path(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise DeployError(f"tokenizer directory not found: {tokenizer_dir}")
+    protect = _inputs(str(model), tokenizer_dir)
+    check_output_dir(output, overwrite=overwrite, protect=protect)
     source = open_source(str(model), seed=seed)
-    config = source.config
-    graph.check(config, dtype)
+    spec = ExportSpec.make(source.config, dtype=dtype, flavor=flavor, logits=logits, quantization=quantization,
+                           argmax=argmax)
     t0 = time.perf_counter()
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        timings, expected = _write_graph(source, config, dtype, graph, tmp, progress=progress,
-                                         desc="writing weights")
+    with atomic_directory(output, overwrite=overwrite, protect=protect) as tmp:
+        timings, expected = _write_graph(source, spec, tmp, progress=progress)
         tokenizer_files = _copy_side_files(source, tmp, tokenizer_dir)
-        if graph.flavor == "optimized":
-            genai.write_genai_config(tmp, config)
+        if spec.flavor == "optimized":
+            genai.write_genai_config(tmp, spec.config)
         t1 = time.perf_counter()
-        validation = (_validate(source, config, dtype, graph, tmp, expected, max_bytes=validate_max_bytes,
-                                progress=progress)
+        validation = (_validate(source, spec, tmp, expected, max_bytes=validate_max_bytes, progress=progress)
                       if validate_export else {"skipped": "--no-validate"})
         timings["validate_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        checkpoint = isinstance(source, SafetensorsCheckpoint)
         manifest = {
-            "format": "llama3-deploy/onnx-decoder", "format_version": 1, **graph.to_json(),
+            "format": MANIFEST_FORMAT, "format_version": 1, **spec.options_json(),
             "source": {"model": str(model), "description": source.description,
-                       "kind": "checkpoint" if isinstance(source, SafetensorsCheckpoint) else "random",
-                       "seed": None if isinstance(source, SafetensorsCheckpoint) else seed},
-            "dtype": dtype, "opset": onnx_export.OPSET, "parameters": config.num_parameters(),
-            "config": dataclasses.asdict(config),
-            "io": graph.io(config, dtype).to_json(),
+                       "kind": "checkpoint" if checkpoint else "random", "seed": None if checkpoint else seed},
+            "dtype": spec.dtype, "opset": onnx_export.OPSET, "parameters": spec.config.num_parameters(),
+            "config": dataclasses.asdict(spec.config), "io": spec.io.to_json(),
             "files": files, "tokenizer_files": tokenizer_files, "tools": tool_versions(),
             "validation": validation, "timings": timings,
         }

@@ -13,7 +13,7 @@ import torch
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
-from llama3_deploy.dtypes import numpy_dtype
+from llama3_deploy.dtypes import numpy_dtype, onnx_type
 from llama3_deploy.errors import ValidationError
 
 from .model import Block, RMSNorm, additive_mask, rope_cos_sin
@@ -42,11 +42,7 @@ HEAD_CHUNK_ROWS = 8192  # output-head rows resident at once in the streamed refe
 
 def portable_initializers(config: LlamaConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], int]]:
     """name -> (shape, ONNX data type) of the checkpoint weights in a portable graph."""
-    import onnx
-
-    want = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-            "bfloat16": onnx.TensorProto.BFLOAT16}[dtype]
-    return {e.target: (e.target_shape, want) for e in name_table(config)}
+    return {e.target: (e.target_shape, onnx_type(dtype)) for e in name_table(config)}
 
 
 def check_structure(model_path: Path, io: contract.DecoderIO, weights: dict[str, tuple[tuple[int, ...], int]]) -> dict:
@@ -137,16 +133,15 @@ def validation_inputs(config: LlamaConfig, *, batch: int = 2, prompt: int = 6, s
     return ids, mask, positions
 
 
-def check_numerics(model_path: Path, source: WeightSource, config: LlamaConfig, dtype: str, *,
-                   providers: list[str] | None = None) -> dict:
+def check_numerics(model_path: Path, source: WeightSource, spec, *, providers: list[str] | None = None) -> dict:
     """Run a prefill and one decode step fed its own past through ONNX Runtime and the fp32 reference.
 
     Raises ValidationError with the figures if any logits or present key/value is off tolerance.
     """
     import onnxruntime as ort
 
+    config, dtype, io = spec.config, spec.dtype, spec.io  # spec: export.spec.ExportSpec
     tol = TOLERANCES[dtype]
-    io = contract.decoder_io(config, dtype)
     np_dtype = numpy_dtype(dtype)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -247,93 +242,74 @@ class DequantizedSource:
         return self.get_rows(name, 0, shape[0]) if len(shape) == 2 else self.source.get(name)
 
 
-def _bind(binding, name: str, array: np.ndarray, *, output: bool = False) -> None:
-    """Bind a C-contiguous host array (or a contiguous row slice of one) by pointer."""
-    assert array.flags.c_contiguous
-    fn = binding.bind_output if output else binding.bind_input
-    fn(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-
-
-def check_numerics_optimized(model_path: Path, source: WeightSource, config: LlamaConfig, dtype: str, *,
-                             logits: str, quant=None, argmax: bool = False,
+def check_numerics_optimized(model_path: Path, source: WeightSource, spec, *,
                              providers: list[str] | None = None) -> dict:
-    """Drive the optimized graph the way the runtime does, against the streamed fp32 reference.
+    """Drive the optimized graph through the runtime's own cache and step code, against the streamed fp32
+    reference. `spec` is the export.spec.ExportSpec the graph was built from (its contract: spec.io).
 
-    One shared [B, K, M, D] buffer per past/present pair, bound as both input and output; each row is
-    prefilled alone (a one-row view of the buffers), then one decode step runs for the whole batch.
-    Compares logits and the cached keys/values (which hold rotated keys, like the reference's present);
-    with argmax, the graph's greedy ids must equal the argmax of its own logits exactly.
+    The runtime's SharedKV: one [B, K, M, D] buffer per past/present pair, bound as both input and output;
+    each row prefilled alone into its slot (prefill_row), then one batched decode step. Compares logits and
+    the cached keys/values (which hold rotated keys, like the reference's present); with argmax, the graph's
+    greedy ids must equal the argmax of its own logits exactly.
     """
-    import onnxruntime as ort
+    from llama3_deploy.runtime.kv import allocate
+    from llama3_deploy.runtime.session import DecoderSession
 
+    config, dtype, quant = spec.config, spec.dtype, spec.quantization
     tol = TOLERANCES[dtype]
     if quant is not None:
         tol = INT8_COMPUTE_TOLERANCE if quant.accuracy_level == 4 else tol
     ref_source = source if quant is None else DequantizedSource(source, quant)
-    io = contract.decoder_io(config, dtype, flavor="optimized", logits=logits, argmax=argmax)
-    np_dtype = numpy_dtype(dtype)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
-    session = ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    session = DecoderSession(model_path, config=config, dtype=dtype, io=spec.io, flavor=spec.flavor,
+                             logits=spec.logits, argmax=spec.argmax, low_memory=True,
+                             device="cuda" if providers[0].startswith("CUDA") else "cpu")
 
     ids, mask, pos = validation_inputs(config)
     B, S = ids.shape
     pads = [int(p) for p in (S - mask.sum(1))]
     lens = [S - p for p in pads]
     K, D, V, M = config.num_key_value_heads, config.head_dim, config.vocab_size, S + 3
-    kv = [np.zeros((B, K, M, D), np_dtype) for _ in io.past_names]
-    lengths_mask = np.zeros((B, M), np.int64)
-    binding = session.io_binding()
+    cache = allocate(session, B, M, S)  # capacity M = S + 3; every prompt fits one prefill chunk
     argmax_mismatches = []
 
-    def run(rows: slice, step_ids: np.ndarray) -> np.ndarray:
-        n, s = step_ids.shape
-        out = np.zeros((n, s if logits == "all" else 1, V), np.float32)
-        next_token = np.zeros(out.shape[:2], np.int64)
-        _bind(binding, contract.INPUT_IDS, np.ascontiguousarray(step_ids))
-        _bind(binding, contract.ATTENTION_MASK, lengths_mask[rows])
-        for buf, p_name, o_name in zip(kv, io.past_names, io.present_names):
-            _bind(binding, p_name, buf[rows])
-            _bind(binding, o_name, buf[rows], output=True)  # the same memory: written in place
-        _bind(binding, contract.LOGITS, out, output=True)
-        if argmax:
-            _bind(binding, contract.NEXT_TOKEN, next_token, output=True)
-        session.run_with_iobinding(binding)
-        if argmax and not np.array_equal(next_token, out.argmax(-1)):
-            argmax_mismatches.append(f"rows {rows.start}..{rows.stop - 1}, {s} new tokens")
+    def read(rows: str, new_tokens: int) -> np.ndarray:
+        """The last run's logits [n, L, V] (a copy: the next run reuses the buffer), its greedy ids checked."""
+        out = cache.output(full=True).copy()
+        if spec.argmax and not np.array_equal(cache.output(ids_only=True, full=True), out.argmax(-1)):
+            argmax_mismatches.append(f"rows {rows}, {new_tokens} new tokens")
         return out
 
     prefill_logits = []
     for r in range(B):
-        lengths_mask[r, :lens[r]] = 1
-        prefill_logits.append(run(slice(r, r + 1), ids[r:r + 1, pads[r]:].numpy()))
+        cache.prefill_row(r, ids[r, pads[r]:].tolist())
+        prefill_logits.append(read(f"{r}..{r}", lens[r]))
     next_ids = np.full((B, 1), 7 % V, np.int64)
-    for r in range(B):
-        lengths_mask[r, lens[r]] = 1
-    decode_logits = run(slice(0, B), next_ids)
-    session = binding = None  # free ONNX Runtime before the reference runs
+    cache.decode(next_ids[:, 0])
+    decode_logits = read(f"0..{B - 1}", 1)
+    kv = [t.copy() for t in cache.tensors()]  # [B, K, M, D] per present output
+    session = cache = None  # free ONNX Runtime before the reference runs
     if argmax_mismatches:
         raise ValidationError(f"{contract.NEXT_TOKEN} differs from the argmax of the graph's logits: "
                               + "; ".join(argmax_mismatches))
 
     ref_prefill, ref_past = streamed_reference(ref_source, config, ids, mask, pos,
-                                               [torch.zeros(B, K, 0, D) for _ in io.past_names])
+                                               [torch.zeros(B, K, 0, D) for _ in spec.io.past_names])
     ref_decode, ref_present = streamed_reference(
         ref_source, config, torch.from_numpy(next_ids), torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1),
         pos[:, -1:] + 1, ref_past)
     del ref_past
     prefill = []
     for r in range(B):
-        ref = ref_prefill[r:r + 1, pads[r]:] if logits == "all" else ref_prefill[r:r + 1, -1:]
+        ref = ref_prefill[r:r + 1, pads[r]:] if spec.logits == "all" else ref_prefill[r:r + 1, -1:]
         prefill.append(_compare(f"{contract.LOGITS}[row {r}]", prefill_logits[r], ref, tol))
     decode = [_compare(contract.LOGITS, decode_logits, ref_decode, tol)]
-    for buf, name, ref in zip(kv, io.present_names, ref_present):
+    for buf, name, ref in zip(kv, spec.io.present_names, ref_present):
         for r in range(B):
             decode.append(_compare(f"{name}[row {r}]", buf[r, :, :lens[r] + 1], ref[r, :, pads[r]:], tol))
     steps = [_step_figures("prefill", S, prefill), _step_figures("decode", 1, decode)]
     figures = {"dtype": dtype, "tolerance": dataclasses.asdict(tol), "layers_validated": config.num_hidden_layers,
-               "reference": ref_source.description, "providers": providers or ["CPUExecutionProvider"],
-               "steps": steps, **({"next_token": "equals argmax(logits) at every step"} if argmax else {})}
+               "reference": ref_source.description, "providers": providers,
+               "steps": steps, **({"next_token": "equals argmax(logits) at every step"} if spec.argmax else {})}
     _raise_on_failure(steps, dtype, tol)
     return figures

@@ -46,6 +46,8 @@ Dim = Union[int, str]
 # An export directory's files (besides the checkpoint's config, generation config and tokenizer files).
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # every weight, external data beside the graph
+# Tokenizer files an export carries when its checkpoint (or --tokenizer DIR) has them; the first two each suffice.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 LOGITS_DTYPE = "float32"  # logits leave the graph in fp32 whatever the weights' dtype
 
@@ -86,10 +88,6 @@ class DecoderIO:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
 
     @property
     def past_names(self) -> list[str]:

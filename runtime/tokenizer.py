@@ -3,16 +3,16 @@
 Loads a Hugging Face `tokenizer.json`, or builds the same byte-level BPE from Meta's original
 tiktoken-format `tokenizer.model`. Plain text is never parsed into control tokens: `encode` treats
 `<|eot_id|>` typed by a user as ordinary characters; only `encode_with_specials` (for trusted
-template text) turns special-token strings into their ids.
+template text) turns special-token strings into their ids. Every added token counts as a control
+token, whatever its `special` flag says: fine-tunes that register `<|eot_id|>` with `add_tokens()`
+mark it `special: false`, and plain text must not reach it either.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import json
+import numbers
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,20 +22,27 @@ from tokenizers import decoders as _decoders
 from llama3_deploy.config import read_json
 from llama3_deploy.errors import DeployError
 
+from .bpe import read_tiktoken_ranks, tiktoken_to_tokenizer_json, unicode_to_bytes
+
 TOKENIZER_JSON = "tokenizer.json"
 TIKTOKEN_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
 
-# The pre-tokenizer regex of Meta's llama3 tokenizer.py (and of the HF tokenizer.json).
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 NUM_LLAMA3_SPECIAL_TOKENS = 256
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 EOT = "<|eot_id|>"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """Refuse text the tokenizer cannot encode: lone surrogates (from undecodable bytes, which Python
+    turns into U+DC80..U+DCFF on the command line, or from JSON/API input such as "\\ud800")."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise DeployError(f"{what} is not valid Unicode: lone surrogate U+{ord(bad.group()):04X} at character "
+                          f"{bad.start()} (invalid UTF-8 in the input?)")
 
 
 def llama3_special_token_names(count: int = NUM_LLAMA3_SPECIAL_TOKENS) -> list[str]:
@@ -51,99 +58,6 @@ def llama3_special_token_names(count: int = NUM_LLAMA3_SPECIAL_TOKENS) -> list[s
     return names
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
-    """Parse a tiktoken BPE file (lines of `<base64 token> <rank>`) into {token bytes: rank}."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DeployError(f"cannot read tokenizer file {path}: {e}") from e
-    ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
-        except (ValueError, binascii.Error):
-            raise DeployError(f"corrupt tokenizer file {path}: line {lineno} is not '<base64 token> <rank>'") from None
-        if not token or token in ranks:
-            raise DeployError(f"corrupt tokenizer file {path}: line {lineno} has an empty or repeated token")
-        ranks[token] = rank
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise DeployError(f"corrupt tokenizer file {path}: ranks are not the unique integers 0..{len(ranks) - 1}")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        # Without every single byte some text could not be encoded at all.
-        raise DeployError(f"corrupt tokenizer file {path}: {len(missing)} of the 256 single-byte tokens are missing")
-    return ranks
-
-
-def tiktoken_to_tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[int, str], *,
-                               pattern: str = LLAMA3_PATTERN) -> dict[str, Any]:
-    """Build a `tokenizers` JSON document equivalent to a tiktoken encoding.
-
-    Merges are recovered as transformers' TikTokenConverter does: every split of a token into two
-    vocabulary tokens is a merge, ranked by the merged token's rank (ties by the halves' ranks).
-    That is exactly tiktoken's rule (merge the adjacent pair whose concatenation has the lowest
-    rank); `ignore_merges` reproduces tiktoken's whole-piece lookup before merging.
-    """
-    table = bytes_to_unicode()  # one printable character per byte: slicing the text slices the bytes
-    by_rank: list[bytes] = [b""] * len(ranks)
-    for token, rank in ranks.items():
-        by_rank[rank] = token
-    get = ranks.get
-    vocab: dict[str, int] = {}
-    merges: list[list[str]] = []
-    for rank, token in enumerate(by_rank):
-        text = token.decode("latin-1").translate(table)
-        vocab[text] = rank
-        splits = []
-        for i in range(1, len(token)):
-            left = get(token[:i])
-            if left is not None:
-                right = get(token[i:])
-                if right is not None:
-                    splits.append((left, right, i))
-        splits.sort()
-        merges.extend([text[:i], text[i:]] for _, _, i in splits)
-    added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, name in sorted(special_tokens.items())]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
-    }
-
-
 def _token_content(value: Any) -> str | None:
     """tokenizer_config.json spells tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):
@@ -151,19 +65,33 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _all_added_special(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """The same tokenizer with every added token marked special. `encode_special_tokens` only stops
+    the backend from matching *special* added tokens in text; non-special ones would still be cut
+    out of user text as control ids."""
+    doc = json.loads(backend.to_str())
+    for token in doc.get("added_tokens") or []:
+        token["special"] = True
+    rebuilt = tokenizers.Tokenizer.from_str(json.dumps(doc, ensure_ascii=False))
+    if any(not t.special for t in rebuilt.get_added_tokens_decoder().values()):
+        raise DeployError("cannot mark this tokenizer's added tokens as control tokens")
+    return rebuilt
+
+
 class Tokenizer:
     """Encode/decode Llama 3 text. Build it with `Tokenizer.from_dir(model_dir)`."""
 
     def __init__(self, backend: tokenizers.Tokenizer, *, config: dict[str, Any] | None = None,
                  generation_config: dict[str, Any] | None = None, source: str = "") -> None:
+        if any(not tok.special for tok in backend.get_added_tokens_decoder().values()):
+            backend = _all_added_special(backend)
         self._backend = backend
         # Set once and never toggled: backend encodes never parse special tokens (thread-safe, injection-safe).
         backend.encode_special_tokens = True
         self.source = source
         self.config = dict(config or {})
         added = backend.get_added_tokens_decoder()
-        self._special_ids = {i: tok.content for i, tok in added.items() if tok.special}
-        self._added_ids = {i: tok.content for i, tok in added.items()}
+        self._special_ids = {i: tok.content for i, tok in added.items()}  # all added tokens: see the module doc
         self.special_tokens: dict[str, int] = {name: i for i, name in sorted(self._special_ids.items())}
         names = sorted(self.special_tokens, key=len, reverse=True)  # longest first: no prefix shadowing
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
@@ -252,13 +180,20 @@ class Tokenizer:
         """Token ids of `text` as plain text: special-token strings in it are encoded as characters."""
         if not isinstance(text, str):
             raise DeployError(f"text to encode must be a str, not {type(text).__name__}")
+        check_unicode(text)
         ids = self._backend.encode(text, add_special_tokens=False).ids if text else []
+        if not self._special_ids.keys().isdisjoint(ids):
+            # Only a vocabulary that also lists a control token's text (at its id) gets here.
+            bad = next(i for i in ids if i in self._special_ids)
+            raise DeployError(f"plain text encodes to control token {self._special_ids[bad]!r} (id {bad}) with "
+                              f"this tokenizer ({self.source or 'in memory'}); its vocabulary spells control tokens")
         return self._wrap(ids, bos, eos)
 
     def encode_with_specials(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of trusted text (chat-template output) where special-token strings become their ids."""
         if not isinstance(text, str):
             raise DeployError(f"text to encode must be a str, not {type(text).__name__}")
+        check_unicode(text)
         ids: list[int] = []
         pos = 0
         for m in self._special_re.finditer(text) if self._special_re else ():
@@ -282,10 +217,15 @@ class Tokenizer:
         return ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        try:
-            out = [int(i) for i in ids]
-        except (TypeError, ValueError):
-            raise DeployError("token ids must be integers") from None
+        if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+            raise DeployError(f"token ids must be a sequence of integers, not {type(ids).__name__}")
+        out = list(ids)
+        for k, i in enumerate(out):
+            # Exactly integers: int(9906.7) would truncate, int(True) would pass a flag off as id 1.
+            if type(i) is not int and (isinstance(i, bool) or not isinstance(i, numbers.Integral)):
+                raise DeployError(f"token ids must be integers: position {k} holds {i!r:.40} ({type(i).__name__})")
+        if out and any(type(i) is not int for i in out):
+            out = [int(i) for i in out]  # numpy integers
         if out and (min(out) < 0 or max(out) >= self._vocab_size):
             bad = next(i for i in out if not 0 <= i < self._vocab_size)
             raise DeployError(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
@@ -301,17 +241,18 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes token `token_id` contributes to decoded text (byte-level vocabularies)."""
         (token_id,) = self._check_ids([token_id])
-        if token_id in self._added_ids:
-            return self._added_ids[token_id].encode("utf-8")
+        if token_id in self._special_ids:
+            return self._special_ids[token_id].encode("utf-8")
         token = self._backend.id_to_token(token_id)
-        table = _unicode_to_bytes()
+        table = unicode_to_bytes()
         if self._byte_level and token is not None and all(c in table for c in token):
             return bytes(table[c] for c in token)
         return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def is_special(self, token_id: int) -> bool:
-        """Whether `token_id` is a special (control) token."""
-        return int(token_id) in self._special_ids
+        """Whether `token_id` is a special (control) token: any added token."""
+        (token_id,) = self._check_ids([token_id])
+        return token_id in self._special_ids
 
     def id_to_token(self, token_id: int) -> str:
         """Raw vocabulary string of `token_id` (e.g. 'Ġyes' for " yes")."""
@@ -380,8 +321,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one token id; return the text it completes (possibly '')."""
-        if self._skip and self._tok.is_special(token_id):
-            self._tok._check_ids([token_id])
+        if self._skip and self._tok.is_special(token_id):  # (is_special validates the id)
             return ""
         if self._bytes_mode:
             return self._utf8.decode(self._tok.token_bytes(token_id))

@@ -9,10 +9,36 @@ from llama3_deploy.cli import main
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, runtime, runtime.cli, llama3_deploy.cli; "
-            "bad = [m for m in ('torch', 'transformers', 'onnx', 'export') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = ("import sys, llama3_deploy.runtime, llama3_deploy.runtime.cli, llama3_deploy.cli; "
+            "llama3_deploy.cli.build_parser(); "
+            "bad = [m for m in ('torch', 'transformers', 'onnx', 'onnx_ir', 'llama3_deploy.export.pipeline') "
+            "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# A runtime-only install (no torch, onnx, ...): simulated by blocking the extras' modules in a fresh interpreter.
+_WITHOUT_EXTRAS = ("import sys\n"
+                   "for m in ('torch', 'onnx', 'onnx_ir', 'onnxscript', 'safetensors', 'transformers', 'matplotlib'):\n"
+                   "    sys.modules[m] = None\n"
+                   "from llama3_deploy.cli import main\n")
+
+
+def _without_extras(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS + f"sys.exit(main({args!r}))"],
+                          capture_output=True, text=True)
+
+
+def test_runtime_only_install_names_the_extra_in_one_line():
+    for command, extra in (("export", "export"), ("bench", "bench"), ("demo", "bench")):
+        args = [command] + (["--model", "random:llama3-cpu-bench", "--output", "x"] if command == "export" else [])
+        r = _without_extras(args)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert f"pip install 'llama3-deploy[{extra}]'" in r.stderr and "torch" in r.stderr
+    listing = _without_extras(["--help"]).stdout
+    assert "[needs the export extra]" in listing and "[needs the bench extra]" in listing
+    flat = " ".join(listing.split())
+    assert flat.count("[needs the") == 3  # export, bench, demo; generate/chat/tokens/inspect need nothing more
 
 
 def test_generate_json(tiny_export, capsys):

@@ -13,7 +13,7 @@ import torch
 from llama3_deploy import contract
 from llama3_deploy.export import onnx_export, validate
 from llama3_deploy.export.pipeline import export_model
-from llama3_deploy import contract
+from llama3_deploy.export.spec import ExportSpec
 from llama3_deploy.cli import main
 from llama3_deploy.config import load_config
 from llama3_deploy.errors import DeployError, ValidationError
@@ -152,7 +152,8 @@ def test_real_configs_parse_and_trace(shared_dir, model):
     assert config == preset(model)  # the built-in presets are the real architectures
     if model.startswith("meta-llama-3.1"):
         assert config.rope_scaling is not None and config.eos_token_ids == (128001, 128008, 128009)
-    graph = onnx_export.trace(config.with_layers(1), "float16")  # real widths, meta weights: no memory
+    # real widths, meta weights: no memory
+    graph = onnx_export.trace(ExportSpec.make(config.with_layers(1), dtype="float16", flavor="portable"))
     assert [v.name for v in graph.graph.inputs] == [s.name for s in contract.decoder_io(config.with_layers(1), "float16").inputs]
     shapes = {n: tuple(v.shape) for n, v in graph.graph.initializers.items()}
     assert shapes["embed"] == (128256, config.hidden_size)

@@ -19,7 +19,7 @@ def test_cuda_greedy_equals_cpu(tiny_export):
     gpu = Generator(tiny_export, device="cuda:0")
     cuda = gpu.generate(prompts, max_new_tokens=24, ignore_eos=True)
     assert [r.generated_ids for r in cuda] == [r.generated_ids for r in cpu]
-    assert all(a.value.device_name() == "cuda" for a, _ in gpu._buffers.kv.buffers)  # KV lives on the device
+    assert all(a.value.device_name() == "cuda" for a, _ in gpu._cache.buffers)  # KV lives on the device
 
 
 def test_cuda_graph_replay_equals_uncaptured(tiny_checkpoint, tmp_path):

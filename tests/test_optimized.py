@@ -13,6 +13,7 @@ from llama3_deploy import contract
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import load_manifest
 from llama3_deploy.runtime.generate import Generator
+from llama3_deploy.runtime.kv import SharedKV
 from llama3_deploy.runtime.session import DeviceBuffer
 from tests.conftest import tiny_config, write_random_checkpoint
 from tests.test_model import hf_model
@@ -67,9 +68,9 @@ def test_equal_length_batch_prefills_together(opt_last, monkeypatch):
     rows = [PROMPTS[0], PROMPTS[0][::-1], PROMPTS[0][1:] + [3]]
     alone = [gen.generate(p, max_new_tokens=N, ignore_eos=True).generated_ids for p in rows]
     calls = []
-    real = Generator._step_shared
-    monkeypatch.setattr(Generator, "_step_shared", lambda self, buf, ids, row=None, **k: (
-        calls.append((ids.shape, row)), real(self, buf, ids, row, **k))[1])
+    real = SharedKV.forward
+    monkeypatch.setattr(SharedKV, "forward", lambda self, ids, row=None, **k: (
+        calls.append((ids.shape, row)), real(self, ids, row, **k))[1])
     assert [r.generated_ids for r in gen.generate(rows, max_new_tokens=N, ignore_eos=True)] == alone
     assert calls[0] == ((3, 7), None)  # one prefill run for the three rows
 
@@ -120,8 +121,8 @@ def test_prompt_logits_match_transformers(opt_all, tiny_checkpoint):
 def test_shared_buffers_are_reused_in_place(opt_last, monkeypatch):
     gen = Generator(opt_last)
     gen.generate(PROMPTS, max_new_tokens=4, ignore_eos=True)
-    buffers = gen._buffers
-    pointers = [b.ptr for b in buffers.kv.buffers]
+    cache = gen._cache
+    pointers = [b.ptr for b in cache.buffers]
     allocations = []
     original = DeviceBuffer.__init__
 
@@ -131,18 +132,18 @@ def test_shared_buffers_are_reused_in_place(opt_last, monkeypatch):
 
     monkeypatch.setattr(DeviceBuffer, "__init__", counting)
     bound = []
-    real_bind = type(buffers.kv).bind
+    real_bind = type(cache).bind
 
-    def spy(kv, binding, new_tokens, row=None):
-        real_bind(kv, binding, new_tokens, row)
+    def spy(kv, new_tokens, row=None):
+        real_bind(kv, new_tokens, row)
         bound.append(row)
 
-    monkeypatch.setattr(type(buffers.kv), "bind", spy)
+    monkeypatch.setattr(type(cache), "bind", spy)
     gen.generate(PROMPTS[::-1], max_new_tokens=6, ignore_eos=True)  # same batch size, another generation
-    assert allocations == [] and gen._buffers is buffers
-    assert [b.ptr for b in buffers.kv.buffers] == pointers
+    assert allocations == [] and gen._cache is cache
+    assert [b.ptr for b in cache.buffers] == pointers
     assert bound.count(None) == 5 and sorted(r for r in bound if r is not None) == [0, 1, 2]  # 5 decode steps
-    assert list(buffers.kv.lengths) == [len(p) + 5 for p in PROMPTS[::-1]]
+    assert list(cache.lengths) == [len(p) + 5 for p in PROMPTS[::-1]]
 
 
 def test_quantized_exports_load_generate_and_stay_close(tiny_checkpoint, opt_all, tmp_path_factory):
@@ -223,7 +224,7 @@ def test_cuda_graph_bookkeeping_on_cpu(which, request, monkeypatch):
         Generator(opt_last, cuda_graph=True)
     gen = Generator(opt_last)
     want = [r.generated_ids for r in gen.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
-    gen.session.cuda_graph, gen._buffers = True, None  # as on CUDA; ONNX Runtime's CPU EP ignores the graph id
+    gen.session.cuda_graph, gen._cache = True, None  # as on CUDA; ONNX Runtime's CPU EP ignores the graph id
     runs, binds = [], []
     real_run = DecoderSession.run
     real_in, real_out = DeviceBuffer.bind_input, DeviceBuffer.bind_output

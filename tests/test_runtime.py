@@ -73,10 +73,10 @@ def test_chunked_prefill_equals_single_prefill(tiny_export, gen):
 
 def test_buffers_are_reused_across_steps_and_generations(gen):
     gen.generate(PROMPTS[0], max_new_tokens=4, ignore_eos=True)
-    buffers = gen._buffers
-    pointers = [(a.ptr, b.ptr) for a, b in buffers.kv.buffers]
+    cache = gen._cache
+    pointers = [(a.ptr, b.ptr) for a, b in cache.buffers]
     gen.generate(PROMPTS[0][:3], max_new_tokens=6, ignore_eos=True)
-    assert gen._buffers is buffers and [(a.ptr, b.ptr) for a, b in buffers.kv.buffers] == pointers
+    assert gen._cache is cache and [(a.ptr, b.ptr) for a, b in cache.buffers] == pointers
 
 
 def test_seeded_sampling_is_reproducible(gen):

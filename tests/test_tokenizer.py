@@ -14,8 +14,8 @@ import pytest
 
 from llama3_deploy.errors import DeployError
 from tests.conftest import _shared
-from llama3_deploy.runtime.tokenizer import (LLAMA3_PATTERN, StreamDecoder, Tokenizer, llama3_special_token_names,
-                               read_tiktoken_ranks, tiktoken_to_tokenizer_json)
+from llama3_deploy.runtime.bpe import LLAMA3_PATTERN, read_tiktoken_ranks, tiktoken_to_tokenizer_json
+from llama3_deploy.runtime.tokenizer import StreamDecoder, Tokenizer, llama3_special_token_names
 
 SPECIAL_BASE = 128000
 
