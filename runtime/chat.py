@@ -88,24 +88,31 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer, chat_template: str | list | None = None, *,
                  template_name: str | None = None) -> None:
         self.tokenizer = tokenizer
-        source = select_chat_template(tokenizer.chat_template if chat_template is None else chat_template,
-                                      template_name)
-        if source is None:
-            missing = [t for t in _LLAMA3_CHAT_TOKENS if t not in tokenizer.special_tokens]
-            if missing:
-                raise DeployError(f"no chat template in {Path(tokenizer.source).parent / 'tokenizer_config.json'} and "
-                                  f"the tokenizer lacks the Llama 3 chat tokens {missing} for the default format")
-            source = LLAMA3_INSTRUCT_TEMPLATE
-        self.template_source = source
         # A broken template is reported when a chat prompt is built, not here: loading an export must
         # not fail for uses that never render it (token-id or plain-text prompts). Compiling runs no
         # template code (see template.py), so it cannot hang.
         self._template: Any = None
         self._template_error: str | None = None
         try:
-            self._template = compile_chat_template(source)
-        except DeployError as e:
-            self._template_error = str(e)
+            source = select_chat_template(tokenizer.chat_template if chat_template is None else chat_template,
+                                          template_name)
+        except DeployError as e:  # e.g. a dict where a string or a list of {name, template} belongs
+            if template_name is not None:  # the caller asked for that template by name: say so now
+                raise
+            self.template_source, self._template_error = None, str(e)
+            source = None
+        if source is None and self._template_error is None:
+            missing = [t for t in _LLAMA3_CHAT_TOKENS if t not in tokenizer.special_tokens]
+            if missing:
+                raise DeployError(f"no chat template in {Path(tokenizer.source).parent / 'tokenizer_config.json'} and "
+                                  f"the tokenizer lacks the Llama 3 chat tokens {missing} for the default format")
+            source = LLAMA3_INSTRUCT_TEMPLATE
+        if self._template_error is None:
+            self.template_source = source
+            try:
+                self._template = compile_chat_template(source)
+            except DeployError as e:
+                self._template_error = str(e)
         cfg = tokenizer.config
         bos = cfg.get("bos_token")
         eos = cfg.get("eos_token")
@@ -146,6 +153,8 @@ class ChatFormat:
                  add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
         """The rendered prompt as (text, is_message_content) pieces, in order."""
         msgs = validate_messages(messages)
+        if self._template_error is not None:
+            raise DeployError(self._template_error)
         for i, m in enumerate(msgs):
             if self.tokenizer.encode_with_specials(m["role"]) != self.tokenizer.encode(m["role"]):
                 raise DeployError(f"message {i}: role {m['role']!r} contains a special token")

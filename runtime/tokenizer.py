@@ -111,7 +111,8 @@ class Tokenizer:
         stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids: tuple[int, ...] = tuple(sorted(i for i in stops if isinstance(i, int) and 0 <= i < self._vocab_size))
         template = self.config.get("chat_template")
-        self.chat_template: str | list[dict[str, str]] | None = template if isinstance(template, (str, list)) else None
+        # Kept as found: ChatFormat refuses a value of the wrong type (a dict) when a chat prompt is built.
+        self.chat_template: Any = template
 
     def _lookup(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)

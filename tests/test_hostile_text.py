@@ -378,3 +378,21 @@ def test_valid_sampling_parameters_are_normalized():
     assert SamplingParams(temperature=np.float32(0.5), top_p=1).top_p == 1.0 and type(p.temperature) is float
     assert hash(p) == hash(SamplingParams(**p.__dict__))
     Sampler(p, 1, 10)  # the largest seed seeds a generator
+
+
+def test_a_dict_chat_template_is_refused_when_used_not_at_load(demo, tmp_path):
+    """tokenizer_config.json's chat_template must be a string or a list of {name, template}: a dict is refused
+    naming the field when a chat prompt is built; loading (and token-id or plain-text use) still works."""
+    import json
+    import shutil
+
+    from llama3_deploy.runtime.chat import ChatFormat
+    d = shutil.copytree(demo[0], tmp_path / "tok")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = {"default": "{{ messages }}"}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    fmt = ChatFormat.from_dir(d)
+    assert "chat_template must be a string or a list" in fmt.template_error
+    assert fmt.tokenizer.encode("hello")
+    with pytest.raises(DeployError, match="chat_template must be a string or a list"):
+        fmt.encode_dialog(MESSAGES)
