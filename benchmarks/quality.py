@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import shutil
 import sys
@@ -49,12 +48,6 @@ def quant_variants(block_size: int) -> list[tuple[str, Any]]:
     return [("fp32", None)] + [(s.label, s) for s in specs]
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def greedy_agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, float]:
     """Prefix agreement, overall positional agreement and identical count of `other` against `ref` (see DEFINITIONS)."""
     prefix, overall = [], []
@@ -74,31 +67,17 @@ def measure(export_dir: Path, windows: list[list[int]], prompts: list[list[int]]
 
     With `ref` (fp32's returned state) also KL, top-1 and greedy agreement against it. Returns (figures, state).
     """
+    from llama3_deploy.calibration.gate import score
     from llama3_deploy.runtime.generate import Generator
     gen = Generator(export_dir, threads=threads)
-    nll = kl = 0.0
-    n = top1 = 0
-    ref_lp: list[np.ndarray] = []
-    for i, w in enumerate(windows):
-        lp = log_softmax(gen.prompt_logits(w)[:-1])
-        target = np.asarray(w[1:])
-        nll -= lp[np.arange(len(target)), target].sum()
-        n += len(target)
-        if ref is None:
-            ref_lp.append(lp.astype(np.float32))
-        else:
-            p = ref["logprobs"][i].astype(np.float64)
-            kl += (np.exp(p) * (p - lp)).sum()
-            top1 += int((p.argmax(-1) == lp.argmax(-1)).sum())
+    figures, logprobs = score(gen, windows, ref_logprobs=None if ref is None else ref["logprobs"])
     t0 = time.perf_counter()
     greedy = [r.generated_ids for r in gen.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
-    figures = {"nll": nll / n, "perplexity": math.exp(nll / n), "scored_tokens": n,
-               "greedy_s": round(time.perf_counter() - t0, 2)}
+    figures["greedy_s"] = round(time.perf_counter() - t0, 2)
     if ref is None:
         figures.update(ppl_change=0.0, kl_vs_fp32=0.0, top1_vs_fp32=1.0, **greedy_agreement(greedy, greedy))
-        return figures, {"logprobs": ref_lp, "greedy": greedy, "perplexity": figures["perplexity"]}
-    figures.update(ppl_change=figures["perplexity"] / ref["perplexity"] - 1, kl_vs_fp32=kl / n, top1_vs_fp32=top1 / n,
-                   **greedy_agreement(ref["greedy"], greedy))
+        return figures, {"logprobs": logprobs, "greedy": greedy, "perplexity": figures["perplexity"]}
+    figures.update(ppl_change=figures["perplexity"] / ref["perplexity"] - 1, **greedy_agreement(ref["greedy"], greedy))
     return figures, ref
 
 
