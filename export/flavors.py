@@ -39,7 +39,7 @@ FLAVORS: dict[str, Flavor] = {
                        lambda model, spec: validate.portable_initializers(spec.config, spec.dtype),
                        validate.check_numerics),
     "optimized": Flavor("optimized", optimized.build,
-                        lambda model, spec: optimized.expected_initializers(model),
+                        lambda model, spec: onnx_export.initializer_layout(model),
                         validate.check_numerics_optimized),
 }
 

@@ -137,6 +137,11 @@ def attach_weights(model: ir.Model, source: WeightSource, config: LlamaConfig, d
         raise RuntimeError(f"weights not used by the traced graph: {sorted(missing)[:5]}")
 
 
+def initializer_layout(model: ir.Model) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, ONNX data type) of every initializer, for the structural check after saving."""
+    return {name: (tuple(v.shape), int(v.dtype)) for name, v in model.graph.initializers.items()}
+
+
 def _writer_options() -> dict:
     """One writer, a bounded in-flight budget, aligned data: onnx-ir 1.1's options. onnx-ir 1.0 (on the GPU
     machine) lacks them; it writes one tensor at a time anyway, and ONNX Runtime reads unaligned external data

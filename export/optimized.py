@@ -216,8 +216,3 @@ def build(source: WeightSource, spec: ExportSpec) -> ir.Model:
     graph = ir.Graph(inputs, graph_outputs, nodes=tape.nodes, initializers=w.values,
                      opset_imports={"": OPSET, MS_DOMAIN: 1}, name="llama3_decoder_optimized")
     return ir.Model(graph, ir_version=10, producer_name="llama3-deploy")
-
-
-def expected_initializers(model: ir.Model) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape, ONNX data type) of every initializer, for the structural check after saving."""
-    return {name: (tuple(v.shape), int(v.dtype)) for name, v in model.graph.initializers.items()}

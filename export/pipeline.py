@@ -8,6 +8,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig, human_bytes
@@ -72,18 +75,38 @@ def _say(progress: bool, message: str) -> None:
         print(f"[export] {message}", file=sys.stderr, flush=True)
 
 
-def _write_graph(source: WeightSource, spec: ExportSpec, out_dir: Path, *, progress: bool,
-                 what: str = "") -> tuple[dict, ExpectedWeights]:
-    """Build (or trace) the spec's graph, then stream its weights to disk. Returns (timings, the weights the
-    saved graph must hold, for validate.check_structure)."""
+@dataclasses.dataclass(frozen=True)
+class GraphTransform:
+    """A change to the built graph before it is written (calibration's Q/DQ) and the check that stands in for
+    the numeric comparison with the fp32 reference, which a transformed graph is not meant to pass."""
+
+    name: str                          # the manifest key of its record and of its check's figures
+    apply: Callable[[ir.Model], dict]  # edits the graph in place (weights still streamed); returns its record
+    verify: Callable[[Path], dict]     # runs on the written export directory; raises to fail the build
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    timings: dict
+    expected: ExpectedWeights  # the weights the saved graph must hold, for validate.check_structure
+    record: dict | None        # the transform's record
+    opset: int
+
+
+def _write_graph(source: WeightSource, spec: ExportSpec, out_dir: Path, *, progress: bool, what: str = "",
+                 transform: GraphTransform | None = None) -> _Written:
+    """Build (or trace) the spec's graph, transform it, then stream its weights to disk."""
     flavor = flavors.flavor(spec)
     _say(progress, f"building the {spec.flavor} graph{what} ({spec.config.num_hidden_layers} layers)")
     t0 = time.perf_counter()
     model = flavor.build(source, spec)
+    record = transform.apply(model) if transform is not None else None
+    expected = flavor.expected_weights(model, spec) if transform is None else onnx_export.initializer_layout(model)
     t1 = time.perf_counter()
     _say(progress, f"graph built in {t1 - t0:.1f} s; writing weights{what}")
     onnx_export.save(model, out_dir, progress=progress, desc=f"writing weights{what}")
-    return {"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}, flavor.expected_weights(model, spec)
+    return _Written({"trace_s": t1 - t0, "write_s": time.perf_counter() - t1}, expected, record,
+                    model.opset_imports[""])
 
 
 def _copy_side_files(source: WeightSource, tmp: Path, tokenizer_dir: Path | None) -> list[str]:
@@ -177,34 +200,61 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
     """
-    if not isinstance(validate_max_bytes, int) or isinstance(validate_max_bytes, bool) or validate_max_bytes < 0:
-        raise DeployError(f"validate_max_bytes must be an integer >= 0 (got {validate_max_bytes!r})")
     tokenizer_dir = Path(tokenizer) if tokenizer else None
-    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
-        raise DeployError(f"tokenizer directory not found: {tokenizer_dir}")
-    protect = _inputs(str(model), tokenizer_dir)
-    check_output_dir(output, overwrite=overwrite, protect=protect)
+    protect = check_inputs(str(model), output, tokenizer_dir, overwrite=overwrite,
+                           validate_max_bytes=validate_max_bytes)
     source = open_source(str(model), seed=seed)
     spec = ExportSpec.make(source.config, dtype=dtype, flavor=flavor, logits=logits, quantization=quantization,
                            argmax=argmax)
+    return write_export(source, spec, output, model=str(model), seed=seed, tokenizer_dir=tokenizer_dir,
+                        protect=protect, validate_export=validate_export, validate_max_bytes=validate_max_bytes,
+                        overwrite=overwrite, progress=progress)
+
+
+def check_inputs(model: str, output: str | Path, tokenizer_dir: Path | None, *, overwrite: bool,
+                 validate_max_bytes: int) -> list[Path]:
+    """Refuse bad options before any work; returns the input directories the output must not be or contain."""
+    if not isinstance(validate_max_bytes, int) or isinstance(validate_max_bytes, bool) or validate_max_bytes < 0:
+        raise DeployError(f"validate_max_bytes must be an integer >= 0 (got {validate_max_bytes!r})")
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        raise DeployError(f"tokenizer directory not found: {tokenizer_dir}")
+    protect = _inputs(model, tokenizer_dir)
+    check_output_dir(output, overwrite=overwrite, protect=protect)
+    return protect
+
+
+def write_export(source: WeightSource, spec: ExportSpec, output: str | Path, *, model: str, seed: int,
+                 tokenizer_dir: Path | None, protect: list[Path], validate_export: bool = True,
+                 validate_max_bytes: int = defaults.VALIDATE_MAX_BYTES, overwrite: bool = False,
+                 progress: bool = True, transform: GraphTransform | None = None) -> ExportResult:
+    """Write `spec`'s graph of `source` (optionally transformed) with its side files and manifest, atomically."""
     t0 = time.perf_counter()
     with atomic_directory(output, overwrite=overwrite, protect=protect) as tmp:
-        timings, expected = _write_graph(source, spec, tmp, progress=progress)
+        written = _write_graph(source, spec, tmp, progress=progress, transform=transform)
+        timings, expected = written.timings, written.expected
         tokenizer_files = _copy_side_files(source, tmp, tokenizer_dir)
         if spec.flavor == "optimized":
             genai.write_genai_config(tmp, spec.config)
         t1 = time.perf_counter()
-        validation = (_validate(source, spec, tmp, expected, max_bytes=validate_max_bytes, progress=progress)
-                      if validate_export else {"skipped": "--no-validate"})
+        if not validate_export:
+            validation = {"skipped": "--no-validate"}
+        elif transform is None:
+            validation = _validate(source, spec, tmp, expected, max_bytes=validate_max_bytes, progress=progress)
+        else:  # a transformed graph is checked by its own verification, not against the untransformed reference
+            _say(progress, f"validating: structure, then the {transform.name} check")
+            validation = {"structure": validate.check_structure(tmp / contract.MODEL_FILE, spec.io, expected),
+                          "numeric": f"replaced by the {transform.name} check", transform.name: transform.verify(tmp)}
         timings["validate_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         checkpoint = isinstance(source, SafetensorsCheckpoint)
         manifest = {
             "format": MANIFEST_FORMAT, "format_version": 1, **spec.options_json(),
-            "source": {"model": str(model), "description": source.description,
+            **({transform.name: written.record} if transform is not None else {}),
+            "source": {"model": model, "description": source.description,
                        "kind": "checkpoint" if checkpoint else "random", "seed": None if checkpoint else seed},
-            "dtype": spec.dtype, "opset": onnx_export.OPSET, "parameters": spec.config.num_parameters(),
+            "dtype": spec.dtype, "opset": written.opset,
+            "parameters": spec.config.num_parameters(),
             "config": dataclasses.asdict(spec.config), "io": spec.io.to_json(),
             "files": files, "tokenizer_files": tokenizer_files, "tools": tool_versions(),
             "validation": validation, "timings": timings,
