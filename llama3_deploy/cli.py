@@ -16,6 +16,7 @@ from typing import Callable
 
 from llama3_deploy import demo
 from llama3_deploy.benchmarks import cli as bench_cli
+from llama3_deploy.calibration import cli as calibrate_cli
 from llama3_deploy.export import cli as export_cli
 from llama3_deploy.runtime import cli as runtime_cli
 
@@ -44,6 +45,8 @@ class Command:
 COMMANDS = (
     Command("export", "export a Hugging Face Llama checkpoint to a validated ONNX decoder",
             export_cli.add_arguments, "export"),
+    Command("calibrate", "calibrate a checkpoint into a gated Q/DQ export (INT8 W8A8 with SmoothQuant, or FP8) "
+            "that TensorRT builds", calibrate_cli.add_arguments, "export"),
     Command("generate", "generate text from an export (streams to the terminal; --json for scripts)",
             runtime_cli.add_generate_arguments),
     Command("chat", "interactive multi-turn chat with streaming", runtime_cli.add_chat_arguments),

@@ -38,7 +38,7 @@ def test_runtime_only_install_names_the_extra_in_one_line():
     listing = _without_extras(["--help"]).stdout
     assert "[needs the export extra]" in listing and "[needs the bench extra]" in listing
     flat = " ".join(listing.split())
-    assert flat.count("[needs the") == 3  # export, bench, demo; generate/chat/tokens/inspect need nothing more
+    assert flat.count("[needs the") == 4  # export, calibrate, bench, demo; generate/chat/tokens/inspect need nothing
 
 
 def test_generate_json(tiny_export, capsys):
