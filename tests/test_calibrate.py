@@ -111,3 +111,21 @@ def test_plan_refuses_unknown_values():
         CalibrationPlan(clip="p99")
     with pytest.raises(DeployError, match="max_ppl_increase"):
         GateThresholds(max_ppl_increase=float("nan"))
+
+
+def test_calibration_quality_report_on_a_tiny_trained_model(tmp_path, monkeypatch):
+    from llama3_deploy.benchmarks import calibration_quality
+    from llama3_deploy.calibration.train_small import train
+    from tests.test_train_small import TINY
+    ckpt = tmp_path / "ckpt"
+    train(ckpt, seed=0, log=lambda m: None, **TINY)
+    monkeypatch.setattr(calibration_quality, "VARIANTS", {"w8a8-int8-smoothquant": {"fmt": "int8",
+                                                                                    "smoothquant_alpha": 0.5}})
+    out = tmp_path / "results" / "cal"
+    record = calibration_quality.run(str(ckpt), str(out), windows=2, window_length=TINY["eval_length"],
+                                     num_sequences=4, seq_len=TINY["eval_length"], workdir=str(tmp_path / "w"),
+                                     command="test")
+    rows = {r["variant"]: r for r in record["variants"]}
+    assert rows["fp32 (portable)"]["kl_vs_fp32"] < 1e-6 and abs(rows["fp32 (portable)"]["ppl_change"]) < 1e-6
+    assert rows["w8a8-int8-smoothquant"]["onnx_bytes"] < rows["fp32 (portable)"]["onnx_bytes"]  # embedding stays fp32
+    assert "| w8a8-int8-smoothquant |" in (tmp_path / "results" / "cal.md").read_text()
