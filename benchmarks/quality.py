@@ -45,7 +45,8 @@ def quant_variants(block_size: int) -> list[tuple[str, Any]]:
              QuantSpec(bits=4, block_size=block_size, symmetric=True, method="rtn"),
              QuantSpec(bits=4, block_size=block_size, symmetric=False, method="rtn"),
              QuantSpec(bits=4, block_size=block_size, symmetric=False, method="hqq")]
-    return [("fp32", None)] + [(s.label, s) for s in specs]
+    awq = QuantSpec(bits=4, block_size=block_size, symmetric=True, method="rtn")  # RTN after AWQ's scaling
+    return [("fp32", None)] + [(s.label, s) for s in specs] + [(f"int4-awq-sym-b{block_size}", awq)]
 
 
 def greedy_agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, float]:
@@ -87,6 +88,7 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
                 command: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Export every variant of `model`, measure it, write `<out>.json` and `<out>.md`; returns the JSON record."""
     from llama3_deploy.benchmarks.cli import git_info, machine_info
+    from llama3_deploy.calibration.awq import export_awq
     from llama3_deploy.calibration.train_small import heldout_token_windows
     from llama3_deploy.contract import DATA_FILE
     from llama3_deploy.export.pipeline import export_model
@@ -115,8 +117,12 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
     try:
         for label, spec in variants:
             t0 = time.perf_counter()
-            res = export_model(str(model), tmp / label, dtype="float32", flavor="optimized", logits="all",
-                               quantization=spec, progress=False)
+            if label.startswith("int4-awq"):  # calibrated: AWQ factors from the default calibration text
+                res = export_awq(str(model), tmp / label, spec=spec, logits="all", num_sequences=64,
+                                 seq_len=min(256, config.max_position_embeddings), progress=False)
+            else:
+                res = export_model(str(model), tmp / label, dtype="float32", flavor="optimized", logits="all",
+                                   quantization=spec, progress=False)
             export_s = time.perf_counter() - t0
             steps = (res.manifest.get("validation", {}).get("numeric") or {}).get("steps") or []
             figures, ref = measure(res.output, eval_windows, prompt_ids, new_tokens=new_tokens, threads=threads,

@@ -53,13 +53,17 @@ class Smoothing:
     """Per-layer factors; `columns[name]` multiplies a weight's input columns, `rows[name]` divides a tensor's
     output channels (rows of a 2-D weight, elements of a norm vector). Both keyed by Hugging Face name."""
 
-    alpha: float
+    method: dict  # {"method": "smoothquant", "alpha": ...} or AWQ's record
     groups: tuple[str, ...]
     columns: dict[str, np.ndarray]
     rows: dict[str, np.ndarray]
 
+    @property
+    def alpha(self) -> float | None:
+        return self.method.get("alpha")
+
     def to_json(self) -> dict:
-        return {"method": "smoothquant", "alpha": self.alpha, "groups": list(self.groups),
+        return {**self.method, "groups": list(self.groups),
                 "o_proj_gqa": "factors per (kv head, dim), repeated over the query heads of each group"}
 
 
@@ -80,49 +84,55 @@ def _factor(act: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *FACTOR_RANGE).astype(np.float32)
 
 
+def build_smoothing(source: WeightSource, act_channel_max: Callable[[str], np.ndarray], factor: Callable, *,
+                    groups: tuple[str, ...], method: dict) -> Smoothing:
+    """Per-group factors from `factor(act, consumers, reduce, expand) -> s`, folded as the table above says.
+
+    `act` is the group's per-input-channel activation maximum, reduced to the space its factors live in
+    (per (kv head, dim) for o_proj, whose query heads share a value head; the input channels otherwise);
+    `consumers` are the Hugging Face names of the weights reading that input; `reduce` / `expand` map an
+    input-width vector to that space and back. SmoothQuant and AWQ differ only in `factor`.
+    """
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise DeployError(f"unknown smoothing groups {unknown}; choose from {', '.join(GROUPS)}")
+    c: LlamaConfig = source.config
+    K, D, G = c.num_key_value_heads, c.head_dim, c.gqa_ratio
+    same = lambda v: np.asarray(v)  # noqa: E731
+    per_kv = lambda v: np.asarray(v).reshape(K, G, D).max(axis=1).reshape(-1)  # noqa: E731  [H*D] -> [K*D]
+    per_q = lambda v: np.repeat(np.asarray(v).reshape(K, 1, D), G, axis=1).reshape(-1)  # noqa: E731  [K*D] -> [H*D]
+    columns: dict[str, np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
+    for i in range(c.num_hidden_layers):
+        hf = _hf(i)
+        for g in groups:
+            consumers, producer = {"qkv": (("q", "k", "v"), "attn_norm"), "gate_up": (("gate", "up"), "mlp_norm"),
+                                   "down": (("down",), "up"), "o": (("o",), "v")}[g]
+            reduce, expand = (per_kv, per_q) if g == "o" else (same, same)
+            act = reduce(np.asarray(act_channel_max(_target(i, g)), np.float32))
+            s = np.asarray(factor(act, [hf[n] for n in consumers], reduce, expand), np.float32)
+            columns.update({hf[n]: expand(s) for n in consumers})
+            rows[hf[producer]] = s  # a norm's elements, or up_proj / v_proj output rows
+    return Smoothing(method, tuple(groups), columns, rows)
+
+
 def smoothing_factors(source: WeightSource, act_channel_max: Callable[[str], np.ndarray], *, alpha: float = 0.5,
                       groups: tuple[str, ...] = GROUPS) -> Smoothing:
-    """Factors for every layer from calibrated per-input-channel activation maxima.
+    """SmoothQuant factors for every layer from calibrated per-input-channel activation maxima.
 
     `act_channel_max(target)` gives max |x_j| of the input of decoder weight `target` (e.g. "layers.0.attn.wq"
     for the q/k/v input): one vector of that weight's input width.
     """
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.0 <= alpha <= 1.0):
         raise DeployError(f"SmoothQuant alpha must be a number in [0, 1] (got {alpha!r})")
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise DeployError(f"unknown SmoothQuant groups {unknown}; choose from {', '.join(GROUPS)}")
-    c: LlamaConfig = source.config
-    shapes = {e.source: e.source_shape for e in name_table(c)}
-    K, D, G = c.num_key_value_heads, c.head_dim, c.gqa_ratio
-    columns: dict[str, np.ndarray] = {}
-    rows: dict[str, np.ndarray] = {}
+    shapes = {e.source: e.source_shape for e in name_table(source.config)}
 
-    def w_max(*names: str) -> np.ndarray:
-        return np.max([weight_input_max(source, n, shapes[n][0]) for n in names], axis=0)
+    def factor(act, consumers, reduce, expand):
+        w = np.max([weight_input_max(source, n, shapes[n][0]) for n in consumers], axis=0)
+        return _factor(act, reduce(w), alpha)
 
-    for i in range(c.num_hidden_layers):
-        hf = _hf(i)
-        for g in groups:
-            act = np.asarray(act_channel_max(_target(i, g)), np.float32)
-            if g == "qkv":
-                s = _factor(act, w_max(hf["q"], hf["k"], hf["v"]), alpha)
-                columns.update({hf["q"]: s, hf["k"]: s, hf["v"]: s})
-                rows[hf["attn_norm"]] = s
-            elif g == "gate_up":
-                s = _factor(act, w_max(hf["gate"], hf["up"]), alpha)
-                columns.update({hf["gate"]: s, hf["up"]: s})
-                rows[hf["mlp_norm"]] = s
-            elif g == "down":
-                s = _factor(act, w_max(hf["down"]), alpha)
-                columns[hf["down"]] = s
-                rows[hf["up"]] = s
-            else:  # "o": one factor per (kv head, dim), shared by the G query heads reading that value head
-                per_kv = lambda v: np.asarray(v).reshape(K, G, D).max(axis=1)  # noqa: E731  [H*D] -> [K, D]
-                s_kv = _factor(per_kv(act), per_kv(w_max(hf["o"])), alpha)  # [K, D]
-                rows[hf["v"]] = s_kv.reshape(-1)                              # v_proj output channels [K*D]
-                columns[hf["o"]] = np.repeat(s_kv[:, None, :], G, axis=1).reshape(-1)  # o_proj inputs [H*D]
-    return Smoothing(float(alpha), tuple(groups), columns, rows)
+    return build_smoothing(source, act_channel_max, factor, groups=groups,
+                           method={"method": "smoothquant", "alpha": float(alpha)})
 
 
 class SmoothedSource:
@@ -131,7 +141,7 @@ class SmoothedSource:
 
     def __init__(self, source: WeightSource, smoothing: Smoothing):
         self.source, self.smoothing, self.config = source, smoothing, source.config
-        self.description = f"{source.description}, SmoothQuant alpha {smoothing.alpha:g}"
+        self.description = f"{source.description}, smoothed ({smoothing.method['method']})"
         self.shapes = {e.source: e.source_shape for e in name_table(source.config)}
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:

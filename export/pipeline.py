@@ -226,8 +226,10 @@ def check_inputs(model: str, output: str | Path, tokenizer_dir: Path | None, *, 
 def write_export(source: WeightSource, spec: ExportSpec, output: str | Path, *, model: str, seed: int,
                  tokenizer_dir: Path | None, protect: list[Path], validate_export: bool = True,
                  validate_max_bytes: int = defaults.VALIDATE_MAX_BYTES, overwrite: bool = False,
-                 progress: bool = True, transform: GraphTransform | None = None) -> ExportResult:
-    """Write `spec`'s graph of `source` (optionally transformed) with its side files and manifest, atomically."""
+                 progress: bool = True, transform: GraphTransform | None = None,
+                 annotations: dict | None = None) -> ExportResult:
+    """Write `spec`'s graph of `source` (optionally transformed) with its side files and manifest, atomically;
+    `annotations` are extra manifest entries (how the weights were prepared, e.g. AWQ's factors)."""
     t0 = time.perf_counter()
     with atomic_directory(output, overwrite=overwrite, protect=protect) as tmp:
         written = _write_graph(source, spec, tmp, progress=progress, transform=transform)
@@ -247,7 +249,7 @@ def write_export(source: WeightSource, spec: ExportSpec, output: str | Path, *, 
         checkpoint = isinstance(source, SafetensorsCheckpoint)
         manifest = {
             "format": MANIFEST_FORMAT, "format_version": 1, **spec.options_json(),
-            **({transform.name: written.record} if transform is not None else {}),
+            **({transform.name: written.record} if transform is not None else {}), **(annotations or {}),
             "source": {"model": model, "description": source.description,
                        "kind": "checkpoint" if checkpoint else "random", "seed": None if checkpoint else seed},
             "dtype": spec.dtype, "opset": written.opset,

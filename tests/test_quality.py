@@ -48,7 +48,7 @@ def test_quality_report_on_tiny_trained_model(tmp_path):
     assert json.loads(out.with_name("quality-tiny.json").read_text()) == record
     rows = {r["variant"]: r for r in record["variants"]}
     assert list(rows) == ["fp32", "int8-rtn-sym-b16", "int8-rtn-asym-b16", "int4-rtn-sym-b16",
-                          "int4-rtn-asym-b16", "int4-hqq-asym-b16"]
+                          "int4-rtn-asym-b16", "int4-hqq-asym-b16", "int4-awq-sym-b16"]
     md = out.with_name("quality-tiny.md").read_text()
     assert all(f"| {name} |" in md for name in rows)
     assert record["model"]["trained_small_model"] and record["model"]["training"] == training
