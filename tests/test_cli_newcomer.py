@@ -121,3 +121,16 @@ def test_export_summary_states_a_missing_tokenizer(tmp_path, capsys):
                  "--no-validate"]) == 0
     out = capsys.readouterr().out
     assert "tokenizer: none" in out and "--tokenizer" in out
+
+
+def test_export_reports_every_phase_and_the_write_bar_ends_at_100(tmp_path, capsys):
+    from tests.conftest import tiny_config
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps(tiny_config(num_hidden_layers=1).to_hf_dict()))
+    assert main(["export", "--model", f"random:{cfg_dir}", "--output", str(tmp_path / "out"),
+                 "--flavor", "optimized"]) == 0
+    err = capsys.readouterr().err
+    assert "[export] building the optimized graph" in err and "[export] validating" in err
+    bar = [part for part in err.replace("\r", "\n").splitlines() if part.startswith("writing weights")][-1]
+    assert bar.startswith("writing weights: 100%"), bar
