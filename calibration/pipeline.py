@@ -74,6 +74,22 @@ def _statistics(source, calib: CalibrationSet, plan: CalibrationPlan, cache: Pat
     return stats, "collected"
 
 
+def _check_gate_fits(config) -> None:
+    """The gate runs the fp32 graph and the quantized one in ONNX Runtime: refuse before any work when the fp32
+    weights alone exceed half this machine's memory (an 8B needs 32 GB), rather than die out of memory."""
+    import os
+
+    need = export_pipeline.weight_bytes(config, "float32")
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have // 2:
+        raise DeployError(f"the accuracy gate runs the fp32 graph ({need / 2**30:.1f} GiB of weights) beside the "
+                          f"quantized one, more than half of this machine's {have / 2**30:.1f} GiB: run it on a larger "
+                          "machine, or pass --no-gate (the manifest then says the gate did not run)")
+
+
 def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = CalibrationPlan(),
                     data: str | Path | None = None, heldout: list[list[int]] | None = None, dtype: str = "float32",
                     tokenizer: str | Path | None = None, cache: str | Path | None = None, overwrite: bool = False,
@@ -91,6 +107,8 @@ def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = C
                                            validate_max_bytes=0)
     source = open_source(model, seed=plan.seed)
     spec = ExportSpec.make(source.config, dtype=dtype, flavor="portable")
+    if plan.gate is not None:
+        _check_gate_fits(source.config)
     t0 = time.perf_counter()
     calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
                                  seq_len=plan.seq_len, seed=plan.seed, config=source.config)

@@ -129,3 +129,13 @@ def test_calibration_quality_report_on_a_tiny_trained_model(tmp_path, monkeypatc
     assert rows["fp32 (portable)"]["kl_vs_fp32"] < 1e-6 and abs(rows["fp32 (portable)"]["ppl_change"]) < 1e-6
     assert rows["w8a8-int8-smoothquant"]["onnx_bytes"] < rows["fp32 (portable)"]["onnx_bytes"]  # embedding stays fp32
     assert "| w8a8-int8-smoothquant |" in (tmp_path / "results" / "cal.md").read_text()
+
+
+def test_a_gate_that_cannot_fit_is_refused_before_any_work(tmp_path, demo, monkeypatch):
+    """random 8B weights: the gate's fp32 graph (30 GiB) cannot run beside the quantized one in 24 GiB."""
+    import os
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (24 << 30) // 4096}[name])
+    with pytest.raises(DeployError, match="--no-gate"):
+        calibrate_model("random:meta-llama-3-8b-instruct", tmp_path / "x", plan=CalibrationPlan(**SMALL),
+                        tokenizer=demo[0], progress=False)
+    assert list(tmp_path.iterdir()) == []
