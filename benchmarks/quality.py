@@ -89,6 +89,7 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
     """Export every variant of `model`, measure it, write `<out>.json` and `<out>.md`; returns the JSON record."""
     from llama3_deploy.benchmarks.cli import git_info, machine_info
     from llama3_deploy.calibration.awq import export_awq
+    from llama3_deploy.calibration.pipeline import CalibrationPlan
     from llama3_deploy.calibration.train_small import heldout_token_windows
     from llama3_deploy.contract import DATA_FILE
     from llama3_deploy.export.pipeline import export_model
@@ -118,8 +119,8 @@ def run_quality(model: str | Path, out: str | Path, *, block_size: int = 32, win
         for label, spec in variants:
             t0 = time.perf_counter()
             if label.startswith("int4-awq"):  # calibrated: AWQ factors from the default calibration text
-                res = export_awq(str(model), tmp / label, spec=spec, logits="all", num_sequences=64,
-                                 seq_len=min(256, config.max_position_embeddings), progress=False)
+                plan = CalibrationPlan(num_sequences=64, seq_len=min(256, config.max_position_embeddings), gate=None)
+                res = export_awq(str(model), tmp / label, spec=spec, plan=plan, logits="all", progress=False)
             else:
                 res = export_model(str(model), tmp / label, dtype="float32", flavor="optimized", logits="all",
                                    quantization=spec, progress=False)

@@ -12,6 +12,8 @@ the ordinary optimized INT4 graph.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,8 +26,9 @@ from llama3_deploy.export.quantize import QuantSpec, dequantize_matrix, quantize
 from llama3_deploy.export.spec import ExportSpec
 from llama3_deploy.export.weights import WeightSource, open_source
 
-from .data import DEFAULT_NUM_SEQUENCES, DEFAULT_SEQ_LEN, load_calibration_set
-from .defaults import DECODE_STEPS
+from . import gate
+from .data import load_calibration_set
+from .pipeline import CalibrationPlan, check_gate_fits, heldout_windows
 from .smoothquant import GROUPS, SmoothedSource, Smoothing, build_smoothing
 from .stats import collect_statistics
 
@@ -66,31 +69,50 @@ def awq_factors(source: WeightSource, act_channel_max: Callable[[str], np.ndarra
     return smoothing
 
 
-def export_awq(model: str, output: str | Path, *, spec: QuantSpec, data: str | Path | None = None,
-               num_sequences: int = DEFAULT_NUM_SEQUENCES, seq_len: int = DEFAULT_SEQ_LEN,
-               decode_steps: int = DECODE_STEPS, seed: int = 0, logits: str | None = None, dtype: str = "float32",
-               tokenizer: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-               grid: int = GRID) -> export_pipeline.ExportResult:
-    """Calibrate, search AWQ factors, and write the optimized flavor's quantized export of the smoothed weights.
+def export_awq(model: str, output: str | Path, *, spec: QuantSpec, plan: CalibrationPlan = CalibrationPlan(),
+               data: str | Path | None = None, heldout: list[list[int]] | None = None, logits: str | None = None,
+               dtype: str = "float32", tokenizer: str | Path | None = None, overwrite: bool = False,
+               progress: bool = True, grid: int = GRID) -> export_pipeline.ExportResult:
+    """Calibrate, search AWQ factors, gate, and write the optimized flavor's quantized export of the smoothed weights.
 
-    Validation compares the graph with a reference holding the same smoothed, dequantized weights (as for any
-    weight-only export), so it checks the kernels; the quantization error itself is what AWQ reduces.
+    `plan` gives the data, decode steps, seed and accuracy gate (its Q/DQ fields do not apply). The gate scores a
+    logits-at-every-position twin of the export against the fp32 graph before the export is written. Validation
+    compares the graph with a reference holding the same smoothed, dequantized weights (as for any weight-only
+    export), so it checks the kernels; the quantization error itself is what AWQ reduces and the gate bounds.
     """
     tokenizer_dir = Path(tokenizer) if tokenizer else (Path(model) if not model.startswith("random:") else None)
     if tokenizer_dir is None:
         raise DeployError("calibrating random weights needs a tokenizer for the data: pass --tokenizer DIR")
     protect = export_pipeline.check_inputs(model, output, tokenizer_dir, overwrite=overwrite, validate_max_bytes=0)
-    source = open_source(model, seed=seed)
+    source = open_source(model, seed=plan.seed)
     export_spec = ExportSpec.make(source.config, dtype=dtype, flavor="optimized", logits=logits, quantization=spec)
+    if plan.gate is not None:
+        check_gate_fits(source.config)
     t0 = time.perf_counter()
-    calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=num_sequences, seq_len=seq_len,
-                                 seed=seed, config=source.config)
-    stats = collect_statistics(source, calib, decode_steps=decode_steps, progress=progress)
+    calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
+                                 seq_len=plan.seq_len, seed=plan.seed, config=source.config)
+    stats = collect_statistics(source, calib, decode_steps=plan.decode_steps, progress=progress)
     smoothing = awq_factors(source, lambda t: stats.group_of(t).channel_max, spec=spec, grid=grid)
+    smoothed = SmoothedSource(source, smoothing)
     record = {**smoothing.to_json(), "calibration": {"description": calib.description, "sha256": calib.sha256,
                                                      "sequences": len(calib.sequences), "seq_len": calib.seq_len,
-                                                     "decode_steps": decode_steps, "seed": seed},
-              "calibrate_s": round(time.perf_counter() - t0, 1)}
-    return export_pipeline.write_export(SmoothedSource(source, smoothing), export_spec, output, model=model,
-                                        seed=seed, tokenizer_dir=tokenizer_dir, protect=protect, overwrite=overwrite,
+                                                     "decode_steps": plan.decode_steps, "seed": plan.seed},
+              "calibrate_s": round(time.perf_counter() - t0, 1), "accuracy_gate": "disabled (--no-gate)"}
+    if plan.gate is not None:
+        windows, where = heldout_windows(heldout, data, model_dir=tokenizer_dir, config=source.config, plan=plan)
+        work = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=Path(output).resolve().parent))
+        try:
+            common = dict(model=model, seed=plan.seed, tokenizer_dir=tokenizer_dir, protect=protect,
+                          validate_export=False, progress=False)
+            reference = export_pipeline.write_export(
+                source, ExportSpec.make(source.config, dtype=dtype, flavor="portable"), work / "fp32", **common)
+            twin = export_pipeline.write_export(
+                smoothed, ExportSpec.make(source.config, dtype=dtype, flavor="optimized", logits="all",
+                                          quantization=spec), work / "twin", **common)
+            figures = gate.compare(reference.output, twin.output, windows)
+            record["accuracy_gate"] = {**gate.check(figures, plan.gate), "heldout": where}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return export_pipeline.write_export(smoothed, export_spec, output, model=model, seed=plan.seed,
+                                        tokenizer_dir=tokenizer_dir, protect=protect, overwrite=overwrite,
                                         progress=progress, annotations={"awq": record})

@@ -14,8 +14,10 @@ from .gate import GateThresholds
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory, or random:PRESET with --tokenizer")
     p.add_argument("--output", required=True, help="output directory of the Q/DQ export (created atomically)")
-    p.add_argument("--format", choices=("int8", "fp8"), default="int8",
-                   help="int8: W8A8 (int8 weights per channel, int8 activations per tensor); fp8: E4M3 both")
+    p.add_argument("--format", choices=("int8", "fp8", "int4-awq"), default="int8",
+                   help="int8: W8A8 Q/DQ (int8 weights per channel, int8 activations per tensor); fp8: E4M3 both; "
+                        "int4-awq: weight-only INT4 (MatMulNBits, optimized flavor) after AWQ's scaling")
+    p.add_argument("--block-size", type=int, default=32, help="int4-awq: quantization block along the input axis")
     p.add_argument("--data", default=None, help="calibration data: JSONL of {\"messages\": [...]} or {\"text\": ...}, "
                                                 "or a .txt file (default: the project's own offline text)")
     p.add_argument("--num-sequences", type=int, default=DEFAULT_NUM_SEQUENCES, help="calibration sequences")
@@ -43,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .pipeline import CalibrationPlan, calibrate_model
 
+    if args.format == "int4-awq":
+        return _run_awq(args)
     if not args.no_smoothquant and not (math.isfinite(args.smoothquant_alpha) and 0 <= args.smoothquant_alpha <= 1):
         raise DeployError(f"--smoothquant-alpha must be in [0, 1] (got {args.smoothquant_alpha})")
     plan = CalibrationPlan(
@@ -58,6 +62,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"  Q/DQ {q['format']}: {len(q['weights'])} weights, {len(q['activations'])} activation scales, clip "
           f"{q['clip']}, SmoothQuant {q['smoothquant']['alpha'] if q['smoothquant'] else 'off'}; TensorRT-ready: "
           f"{v.get('tensorrt_ready', 'not checked')}")
+    if isinstance(g, dict):
+        print(f"  accuracy gate passed: perplexity {g['perplexity']:.4g} vs fp32 {g['fp32_perplexity']:.4g} "
+              f"({100 * g['ppl_change']:+.2f}%), KL {g['kl_vs_fp32']:.3g}, top-1 {100 * g['top1_vs_fp32']:.1f}%")
+    return 0
+
+
+def _run_awq(args: argparse.Namespace) -> int:
+    from llama3_deploy.export.quantize import QuantSpec
+
+    from .awq import export_awq
+    from .pipeline import CalibrationPlan
+
+    spec = QuantSpec(bits=4, block_size=args.block_size, symmetric=True)
+    plan = CalibrationPlan(num_sequences=args.num_sequences, seq_len=args.seq_len, decode_steps=args.decode_steps,
+                           seed=args.seed, gate=None if args.no_gate else GateThresholds(args.max_ppl_increase,
+                                                                                          args.max_kl))
+    result = export_awq(args.model, args.output, spec=spec, plan=plan, data=args.data, dtype=args.dtype,
+                        tokenizer=args.tokenizer, overwrite=args.overwrite, progress=not args.quiet)
+    print(result.summary())
+    a = result.manifest["awq"]
+    g = a["accuracy_gate"]
+    print(f"  AWQ: alpha per layer group {a['alphas']}, calibration {a['calibrate_s']} s")
     if isinstance(g, dict):
         print(f"  accuracy gate passed: perplexity {g['perplexity']:.4g} vs fp32 {g['fp32_perplexity']:.4g} "
               f"({100 * g['ppl_change']:+.2f}%), KL {g['kl_vs_fp32']:.3g}, top-1 {100 * g['top1_vs_fp32']:.1f}%")

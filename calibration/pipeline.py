@@ -74,7 +74,7 @@ def _statistics(source, calib: CalibrationSet, plan: CalibrationPlan, cache: Pat
     return stats, "collected"
 
 
-def _check_gate_fits(config) -> None:
+def check_gate_fits(config) -> None:
     """The gate runs the fp32 graph and the quantized one in ONNX Runtime: refuse before any work when the fp32
     weights alone exceed half this machine's memory (an 8B needs 32 GB), rather than die out of memory."""
     import os
@@ -88,6 +88,19 @@ def _check_gate_fits(config) -> None:
         raise DeployError(f"the accuracy gate runs the fp32 graph ({need / 2**30:.1f} GiB of weights) beside the "
                           f"quantized one, more than half of this machine's {have / 2**30:.1f} GiB: run it on a larger "
                           "machine, or pass --no-gate (the manifest then says the gate did not run)")
+
+
+HELDOUT_DRAWN = "drawn from the calibration source with seed + 1 (may overlap the calibration windows)"
+
+
+def heldout_windows(given: list[list[int]] | None, data, *, model_dir: Path, config,
+                    plan: CalibrationPlan) -> tuple[list[list[int]], str]:
+    """The gate's token windows and where they came from: `given`, or drawn from the calibration source."""
+    if given is not None:
+        return given, "given"
+    drawn = load_calibration_set(data, model_dir=model_dir, num_sequences=plan.heldout_sequences,
+                                 seq_len=plan.heldout_len, seed=plan.seed + 1, config=config)
+    return [list(s) for s in drawn.sequences], HELDOUT_DRAWN
 
 
 def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = CalibrationPlan(),
@@ -108,16 +121,11 @@ def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = C
     source = open_source(model, seed=plan.seed)
     spec = ExportSpec.make(source.config, dtype=dtype, flavor="portable")
     if plan.gate is not None:
-        _check_gate_fits(source.config)
+        check_gate_fits(source.config)
     t0 = time.perf_counter()
     calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
                                  seq_len=plan.seq_len, seed=plan.seed, config=source.config)
-    heldout_source = "given"
-    if heldout is None:
-        heldout = [list(s) for s in load_calibration_set(
-            data, model_dir=tokenizer_dir, num_sequences=plan.heldout_sequences, seq_len=plan.heldout_len,
-            seed=plan.seed + 1, config=source.config).sequences]
-        heldout_source = "drawn from the calibration source with seed + 1 (may overlap the calibration windows)"
+    heldout, heldout_source = heldout_windows(heldout, data, model_dir=tokenizer_dir, config=source.config, plan=plan)
     log(f"calibration set: {len(calib.sequences)} x {calib.seq_len} tokens, {calib.description}")
     stats, how = _statistics(source, calib, plan, Path(cache) if cache else None, progress=progress, log=log)
     qsource, smoothing = source, None

@@ -139,3 +139,15 @@ def test_a_gate_that_cannot_fit_is_refused_before_any_work(tmp_path, demo, monke
         calibrate_model("random:meta-llama-3-8b-instruct", tmp_path / "x", plan=CalibrationPlan(**SMALL),
                         tokenizer=demo[0], progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_int4_awq_is_gated(peaked_checkpoint, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(peaked_checkpoint), "--output", str(tmp_path / "awq"), "--format",
+                 "int4-awq", "--block-size", "16", "--num-sequences", "4", "--seq-len", "48", "--decode-steps", "2",
+                 "--max-ppl-increase", "1", "--max-kl", "5", "--quiet"]) == 0
+    m = json.loads((tmp_path / "awq" / "manifest.json").read_text())
+    assert m["flavor"] == "optimized" and m["quantization"]["bits"] == 4 and m["awq"]["method"] == "awq"
+    assert m["awq"]["accuracy_gate"]["passed"] and m["validation"]["numeric"]["steps"]
+    assert "AWQ: alpha per layer group" in capsys.readouterr().out
+    r = Generator(tmp_path / "awq").generate([5, 9, 33], max_new_tokens=3, ignore_eos=True)
+    assert len(r.generated_ids) == 3
