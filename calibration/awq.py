@@ -20,15 +20,14 @@ from typing import Callable
 
 import numpy as np
 
-from llama3_deploy.errors import DeployError
 from llama3_deploy.export import pipeline as export_pipeline
 from llama3_deploy.export.quantize import QuantSpec, dequantize_matrix, quantize_matrix
 from llama3_deploy.export.spec import ExportSpec
-from llama3_deploy.export.weights import WeightSource, open_source
+from llama3_deploy.export.weights import WeightSource
 
 from . import gate
 from .data import load_calibration_set
-from .pipeline import CalibrationPlan, check_gate_fits, heldout_windows
+from .pipeline import CalibrationPlan, heldout_windows, open_inputs
 from .smoothquant import GROUPS, SmoothedSource, Smoothing, build_smoothing
 from .stats import collect_statistics
 
@@ -80,14 +79,8 @@ def export_awq(model: str, output: str | Path, *, spec: QuantSpec, plan: Calibra
     compares the graph with a reference holding the same smoothed, dequantized weights (as for any weight-only
     export), so it checks the kernels; the quantization error itself is what AWQ reduces and the gate bounds.
     """
-    tokenizer_dir = Path(tokenizer) if tokenizer else (Path(model) if not model.startswith("random:") else None)
-    if tokenizer_dir is None:
-        raise DeployError("calibrating random weights needs a tokenizer for the data: pass --tokenizer DIR")
-    protect = export_pipeline.check_inputs(model, output, tokenizer_dir, overwrite=overwrite, validate_max_bytes=0)
-    source = open_source(model, seed=plan.seed)
+    source, tokenizer_dir, protect = open_inputs(model, output, tokenizer=tokenizer, overwrite=overwrite, plan=plan)
     export_spec = ExportSpec.make(source.config, dtype=dtype, flavor="optimized", logits=logits, quantization=spec)
-    if plan.gate is not None:
-        check_gate_fits(source.config)
     t0 = time.perf_counter()
     calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
                                  seq_len=plan.seq_len, seed=plan.seed, config=source.config)

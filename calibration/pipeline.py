@@ -103,6 +103,20 @@ def heldout_windows(given: list[list[int]] | None, data, *, model_dir: Path, con
     return [list(s) for s in drawn.sequences], HELDOUT_DRAWN
 
 
+def open_inputs(model: str, output: str | Path, *, tokenizer: str | Path | None, overwrite: bool,
+                plan: CalibrationPlan) -> tuple:
+    """Before any work: the tokenizer directory the data needs, the inputs the output must spare, the weight
+    source, and whether the gate fits this machine. Returns (source, tokenizer_dir, protect)."""
+    tokenizer_dir = Path(tokenizer) if tokenizer else (Path(model) if not model.startswith("random:") else None)
+    if tokenizer_dir is None:
+        raise DeployError("calibrating random weights needs a tokenizer for the data: pass --tokenizer DIR")
+    protect = export_pipeline.check_inputs(model, output, tokenizer_dir, overwrite=overwrite)
+    source = open_source(model, seed=plan.seed)
+    if plan.gate is not None:
+        check_gate_fits(source.config)
+    return source, tokenizer_dir, protect
+
+
 def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = CalibrationPlan(),
                     data: str | Path | None = None, heldout: list[list[int]] | None = None, dtype: str = "float32",
                     tokenizer: str | Path | None = None, cache: str | Path | None = None, overwrite: bool = False,
@@ -113,15 +127,8 @@ def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = C
     them from the calibration source with another seed (the manifest says they may overlap the calibration data).
     """
     log = (lambda m: print(f"[calibrate] {m}", flush=True)) if progress else (lambda m: None)  # noqa: E731
-    tokenizer_dir = Path(tokenizer) if tokenizer else (Path(model) if not model.startswith("random:") else None)
-    if tokenizer_dir is None:
-        raise DeployError("calibrating random weights needs a tokenizer for the data: pass --tokenizer DIR")
-    protect = export_pipeline.check_inputs(model, output, tokenizer_dir, overwrite=overwrite,
-                                           validate_max_bytes=0)
-    source = open_source(model, seed=plan.seed)
+    source, tokenizer_dir, protect = open_inputs(model, output, tokenizer=tokenizer, overwrite=overwrite, plan=plan)
     spec = ExportSpec.make(source.config, dtype=dtype, flavor="portable")
-    if plan.gate is not None:
-        check_gate_fits(source.config)
     t0 = time.perf_counter()
     calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
                                  seq_len=plan.seq_len, seed=plan.seed, config=source.config)

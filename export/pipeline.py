@@ -200,9 +200,10 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
     The output is built in a temporary sibling directory and renamed into place only when complete
     and validated; on any error nothing is left behind and an existing output is untouched.
     """
+    if not isinstance(validate_max_bytes, int) or isinstance(validate_max_bytes, bool) or validate_max_bytes < 0:
+        raise DeployError(f"validate_max_bytes must be an integer >= 0 (got {validate_max_bytes!r})")
     tokenizer_dir = Path(tokenizer) if tokenizer else None
-    protect = check_inputs(str(model), output, tokenizer_dir, overwrite=overwrite,
-                           validate_max_bytes=validate_max_bytes)
+    protect = check_inputs(str(model), output, tokenizer_dir, overwrite=overwrite)
     source = open_source(str(model), seed=seed)
     spec = ExportSpec.make(source.config, dtype=dtype, flavor=flavor, logits=logits, quantization=quantization,
                            argmax=argmax)
@@ -211,11 +212,9 @@ def export_model(model: str, output: str | Path, *, dtype: str = defaults.DTYPE,
                         overwrite=overwrite, progress=progress)
 
 
-def check_inputs(model: str, output: str | Path, tokenizer_dir: Path | None, *, overwrite: bool,
-                 validate_max_bytes: int) -> list[Path]:
-    """Refuse bad options before any work; returns the input directories the output must not be or contain."""
-    if not isinstance(validate_max_bytes, int) or isinstance(validate_max_bytes, bool) or validate_max_bytes < 0:
-        raise DeployError(f"validate_max_bytes must be an integer >= 0 (got {validate_max_bytes!r})")
+def check_inputs(model: str, output: str | Path, tokenizer_dir: Path | None, *, overwrite: bool) -> list[Path]:
+    """Refuse bad inputs and outputs before any work; returns the input directories the output must not be or
+    contain."""
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise DeployError(f"tokenizer directory not found: {tokenizer_dir}")
     protect = _inputs(model, tokenizer_dir)
