@@ -1,4 +1,5 @@
-"""Explicit-quantization (Q/DQ) quality on the small trained model: W8A8 with and without SmoothQuant, FP8.
+"""Explicit-quantization (Q/DQ) quality on the small trained model: W8A8 with and without SmoothQuant, FP8, and
+each with its KV cache quantized too.
 
     python -m llama3_deploy.benchmarks.calibration_quality --model work-out/trained-small \
         --out benchmarks/results/calibration-trained-small
@@ -24,7 +25,17 @@ VARIANTS = {  # label -> CalibrationPlan fields
     "w8a8-int8": {"fmt": "int8", "smoothquant_alpha": None},
     "fp8-e4m3": {"fmt": "fp8", "smoothquant_alpha": None},
     "fp8-e4m3-smoothquant": {"fmt": "fp8", "smoothquant_alpha": 0.5},
+    "w8a8-int8-smoothquant + kv-int8": {"fmt": "int8", "smoothquant_alpha": 0.5, "kv_cache": "int8"},
+    "fp8-e4m3 + kv-fp8": {"fmt": "fp8", "smoothquant_alpha": None, "kv_cache": "fp8"},
 }
+
+
+def kv_bytes_per_token(manifest: dict) -> int:
+    """Bytes the cache holds per token: keys and values of every layer, in the cache's dtype."""
+    from llama3_deploy.dtypes import itemsize
+    c = manifest["config"]
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * itemsize(
+        manifest.get("kv_dtype") or manifest["dtype"])
 
 
 def run(model: str, out: str, *, windows: int, window_length: int, num_sequences: int, seq_len: int,
@@ -46,6 +57,7 @@ def run(model: str, out: str, *, windows: int, window_length: int, num_sequences
         ref = export_model(model, tmp / "fp32", progress=False)
         size = lambda m: m["files"][MODEL_FILE] + m["files"][DATA_FILE]  # noqa: E731
         rows.append({"variant": "fp32 (portable)", "onnx_bytes": size(ref.manifest), "calibrate_s": None,
+                     "kv_bytes_per_token": kv_bytes_per_token(ref.manifest),
                      **gate.compare(ref.output, ref.output, held)})
         for label, fields in VARIANTS.items():
             plan = CalibrationPlan(**fields, num_sequences=num_sequences, seq_len=seq_len, gate=None)
@@ -60,6 +72,7 @@ def run(model: str, out: str, *, windows: int, window_length: int, num_sequences
                 verdict = f"fail: {e}"
             q = res.manifest["qdq"]
             rows.append({"variant": label, "onnx_bytes": size(res.manifest), "calibrate_s": q["calibrate_s"],
+                         "kv_bytes_per_token": kv_bytes_per_token(res.manifest),
                          "export_total_s": round(wall, 1), "clip": q["clip"], "opset": q["opset"],
                          "gate": verdict, **figures})
             print(f"{label}: ppl {figures['perplexity']:.3f} ({100 * figures['ppl_change']:+.2f}%), "
@@ -82,11 +95,13 @@ def run(model: str, out: str, *, windows: int, window_length: int, num_sequences
 
 def markdown(record: dict) -> str:
     lines = ["# Explicit quantization (Q/DQ) on the small trained model", "", f"Command: `{record['command']}`", "",
-             "| variant | ONNX MiB | calibrate s | perplexity | change vs fp32 | KL vs fp32 (nats) | top-1 vs fp32 | gate |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| variant | ONNX MiB | KV bytes/token | calibrate s | perplexity | change vs fp32 | KL vs fp32 (nats) "
+             "| top-1 vs fp32 | gate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in record["variants"]:
         cal = "" if r["calibrate_s"] is None else f"{r['calibrate_s']:.1f}"
-        lines.append(f"| {r['variant']} | {r['onnx_bytes'] / 2**20:.2f} | {cal} | {r['perplexity']:.3f} | "
+        lines.append(f"| {r['variant']} | {r['onnx_bytes'] / 2**20:.2f} | {r['kv_bytes_per_token']:,} | {cal} | "
+                     f"{r['perplexity']:.3f} | "
                      f"{100 * r['ppl_change']:+.2f}% | {r['kl_vs_fp32']:.2e} | {r['top1_vs_fp32']:.4f} | "
                      f"{r.get('gate', '')[:4]} |")
     s = record["settings"]

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("int8", "fp8", "int4-awq"), default="int8",
                    help="int8: W8A8 Q/DQ (int8 weights per channel, int8 activations per tensor); fp8: E4M3 both; "
                         "int4-awq: weight-only INT4 (MatMulNBits, optimized flavor) after AWQ's scaling")
+    p.add_argument("--kv-cache", choices=("int8", "fp8"), default=None,
+                   help="int8/fp8 formats: also store the KV cache quantized (per-tensor scales per layer; default: "
+                        "the graph's float dtype)")
     p.add_argument("--block-size", type=int, default=32, help="int4-awq: quantization block along the input axis")
     p.add_argument("--data", default=None, help="calibration data: JSONL of {\"messages\": [...]} or {\"text\": ...}, "
                                                 "or a .txt file (default: the project's own offline text)")
@@ -46,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from .pipeline import CalibrationPlan, calibrate_model
 
     if args.format == "int4-awq":
+        if args.kv_cache:
+            raise DeployError("--kv-cache quantizes the portable Q/DQ graph's cache (--format int8 or fp8); "
+                              "the int4-awq export is the optimized flavor, whose cache stays in the graph dtype")
         return _run_awq(args)
     if not args.no_smoothquant and not (math.isfinite(args.smoothquant_alpha) and 0 <= args.smoothquant_alpha <= 1):
         raise DeployError(f"--smoothquant-alpha must be in [0, 1] (got {args.smoothquant_alpha})")
     plan = CalibrationPlan(
-        fmt=args.format, smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha, clip=args.clip,
+        fmt=args.format, kv_cache=args.kv_cache, smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha, clip=args.clip,
         num_sequences=args.num_sequences, seq_len=args.seq_len, decode_steps=args.decode_steps, seed=args.seed,
         gate=None if args.no_gate else GateThresholds(args.max_ppl_increase, args.max_kl))
     result = calibrate_model(args.model, args.output, plan=plan, data=args.data, dtype=args.dtype,
@@ -62,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  Q/DQ {q['format']}: {len(q['weights'])} weights, {len(q['activations'])} activation scales, clip "
           f"{q['clip']}, SmoothQuant {q['smoothquant']['alpha'] if q['smoothquant'] else 'off'}; TensorRT-ready: "
           f"{v.get('tensorrt_ready', 'not checked')}")
+    if q.get("kv_cache"):
+        print(f"  KV cache {q['kv_cache']['format']}: {len(q['kv_cache']['tensors'])} per-tensor scales")
     if isinstance(g, dict):
         print(f"  accuracy gate passed: perplexity {g['perplexity']:.4g} vs fp32 {g['fp32_perplexity']:.4g} "
               f"({100 * g['ppl_change']:+.2f}%), KL {g['kl_vs_fp32']:.3g}, top-1 {100 * g['top1_vs_fp32']:.1f}%")

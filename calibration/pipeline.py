@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llama3_deploy.dtypes import KV_QUANT_DTYPES
 from llama3_deploy.errors import DeployError
 from llama3_deploy.export import pipeline as export_pipeline
 from llama3_deploy.export.spec import ExportSpec
@@ -26,6 +27,7 @@ from llama3_deploy.export.weights import open_source
 from . import gate
 from .defaults import CLIPS, DECODE_STEPS, DEFAULT_CLIP, SMOOTHQUANT_ALPHA
 from .data import DEFAULT_NUM_SEQUENCES, DEFAULT_SEQ_LEN, CalibrationSet, load_calibration_set
+from .kv_qdq import kv_record, quantize_kv_cache
 from .qdq import FORMATS, insert_qdq, qdq_record
 from .smoothquant import SmoothedSource, smoothing_factors
 from .stats import ActivationStats, collect_statistics
@@ -37,6 +39,7 @@ class CalibrationPlan:
     """How to quantize: the format, SmoothQuant, the activation clip, the data, and the gate."""
 
     fmt: str = "int8"                             # "int8" (W8A8) or "fp8" (E4M3)
+    kv_cache: str | None = None                   # "int8" or "fp8": a quantized KV cache; None: the graph dtype
     smoothquant_alpha: float | None = SMOOTHQUANT_ALPHA  # None: no smoothing
     clip: str | None = None                       # amax, percentile or mse; None: the format's default
     num_sequences: int = DEFAULT_NUM_SEQUENCES
@@ -50,6 +53,8 @@ class CalibrationPlan:
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise DeployError(f"unknown quantization format {self.fmt!r}; choose one of {', '.join(sorted(FORMATS))}")
+        if self.kv_cache is not None and self.kv_cache not in KV_QUANT_DTYPES:
+            raise DeployError(f"unknown KV cache format {self.kv_cache!r}; choose one of {', '.join(KV_QUANT_DTYPES)}")
         if self.clip is not None and self.clip not in CLIPS:
             raise DeployError(f"unknown clip method {self.clip!r}; choose one of {', '.join(CLIPS)}")
 
@@ -128,7 +133,8 @@ def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = C
     """
     log = (lambda m: print(f"[calibrate] {m}", flush=True)) if progress else (lambda m: None)  # noqa: E731
     source, tokenizer_dir, protect = open_inputs(model, output, tokenizer=tokenizer, overwrite=overwrite, plan=plan)
-    spec = ExportSpec.make(source.config, dtype=dtype, flavor="portable")
+    spec = ExportSpec.make(source.config, dtype=dtype, flavor="portable",
+                           kv_dtype=KV_QUANT_DTYPES[plan.kv_cache] if plan.kv_cache else None)
     t0 = time.perf_counter()
     calib = load_calibration_set(data, model_dir=tokenizer_dir, num_sequences=plan.num_sequences,
                                  seq_len=plan.seq_len, seed=plan.seed, config=source.config)
@@ -151,12 +157,14 @@ def calibrate_model(model: str, output: str | Path, *, plan: CalibrationPlan = C
         if plan.gate is not None:  # the fp32 graph of the original weights, the gate's reference
             log("exporting the fp32 reference graph for the accuracy gate")
             reference = export_pipeline.write_export(
-                source, spec, work / "fp32", model=model, seed=plan.seed, tokenizer_dir=tokenizer_dir,
+                source, dataclasses.replace(spec, kv_dtype=None), work / "fp32", model=model, seed=plan.seed, tokenizer_dir=tokenizer_dir,
                 protect=protect, validate_export=False, progress=False).output
 
         def apply(graph) -> dict:
             insert_qdq(graph, input_amax=input_amax, fmt=plan.fmt)
-            return {**qdq_record(graph), "clip": plan.clip_method, "statistics": how,
+            if plan.kv_cache:
+                quantize_kv_cache(graph, kv_amax=stats.kv_amax, fmt=plan.kv_cache)
+            return {**qdq_record(graph), "kv_cache": kv_record(graph), "clip": plan.clip_method, "statistics": how,
                     "smoothquant": smoothing.to_json() if smoothing else None,
                     "calibration": {"source": calib.source, "description": calib.description,
                                     "sha256": calib.sha256, "sequences": len(calib.sequences),

@@ -30,6 +30,7 @@ Per input group (weights sharing one input, `linear_groups`):
                E(c) = sum_inside n * s^2/12 + sum_outside n * (v - c)^2, s = c / 127, v the bin centres
                (round-to-nearest as uniform noise inside, saturation outside).
 Per weight (decoder layout [in, out]): out_max [out] and in_max [in], max |w| per output / input channel.
+Per layer: kv_amax, max |k| (after RoPE, as cached) and max |v| over every position (a quantized KV cache).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from llama3_deploy.export.weights import WeightSource, derived_tensors, name_tab
 from .data import CalibrationSet
 
 FORMAT = "llama3-deploy activation statistics"
-VERSION = 1
+VERSION = 2  # 2: kv_amax
 HIST_BINS = 4096          # with a power-of-two range, at least 2048 bins always span [0, amax]
 DEFAULT_PERCENTILE = 99.99
 INT8_QMAX = 127
@@ -181,6 +182,7 @@ class ActivationStats:
     decode_steps: int
     num_sequences: int
     info: dict  # descriptions of the model and data; not checked
+    kv_amax: dict[str, float] = dataclasses.field(default_factory=dict)  # layers.<i>.key/.value -> max |k| / |v|
 
     def group_of(self, weight: str) -> GroupStats:
         """The input statistics of the group a weight target (e.g. layers.3.attn.wk) belongs to."""
@@ -210,7 +212,8 @@ class ActivationStats:
             weights.append({"name": name, "out": int(w.out_max.shape[0]), "in": int(w.in_max.shape[0])})
         meta = {"format": FORMAT, "version": VERSION, "hist_bins": HIST_BINS, "model_identity": self.model_identity,
                 "data_sha256": self.data_sha256, "seq_len": self.seq_len, "decode_steps": self.decode_steps,
-                "num_sequences": self.num_sequences, "info": self.info, "groups": groups, "weights": weights}
+                "num_sequences": self.num_sequences, "info": self.info, "groups": groups, "weights": weights,
+                "kv_amax": self.kv_amax}
         arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -268,7 +271,8 @@ class ActivationStats:
         except Exception as e:  # not a zip, a missing member, malformed JSON: all mean a foreign or corrupt file
             raise DeployError(f"cannot read calibration cache {path} (corrupt or not a cache?): {e}") from None
         return cls(groups, weights, meta["model_identity"], meta["data_sha256"], int(meta["seq_len"]),
-                   int(meta["decode_steps"]), int(meta["num_sequences"]), meta["info"])
+                   int(meta["decode_steps"]), int(meta["num_sequences"]), meta["info"],
+                   {str(k): float(v) for k, v in meta["kv_amax"].items()})
 
 
 def _array(z, key: str, dtype, shape) -> np.ndarray:
@@ -341,7 +345,7 @@ def collect_statistics(source: WeightSource, calib: CalibrationSet, *, decode_st
     prefill_mask = additive_mask(torch.ones(1, prefill), 0, prefill)  # [1, 1, P, P], broadcast over the batch
     decode_batch = max(batch, DECODE_BATCH)
     table = {e.target: e for e in name_table(config)}
-    groups, weights = {}, {}
+    groups, weights, kv_amax = {}, {}, {}
     group_names = linear_groups(config)
     for i in tqdm(range(config.num_hidden_layers), desc="calibration statistics", unit="layer", disable=not progress):
         with torch.device("meta"):
@@ -377,6 +381,9 @@ def collect_statistics(source: WeightSource, calib: CalibrationSet, *, decode_st
                     outs.append(out)
                 if outs:
                     xg[:, prefill:].copy_(torch.cat(outs, dim=1))
+                for kind, t in (("key", k), ("value", v)):  # [G, K, L, D]: every position's cached entry
+                    name = f"layers.{i}.{kind}"
+                    kv_amax[name] = max(kv_amax.get(name, 0.0), float(t.abs().max()))
                 del k, v, outs
         for group, (_, a) in acc.items():
             groups[f"layers.{i}.{group}"] = a.result()
@@ -398,4 +405,4 @@ def collect_statistics(source: WeightSource, calib: CalibrationSet, *, decode_st
     info = {"model": source.description, "data": calib.description, "data_source": calib.source,
             "prefill_tokens": prefill, "hist_bins": HIST_BINS}
     return ActivationStats({g: groups[g] for g in group_names}, weights, model_identity(source), calib.sha256,
-                           seq, decode_steps, n, info)
+                           seq, decode_steps, n, info, kv_amax)

@@ -13,7 +13,8 @@ break these rules, each checked here op by op:
     the DQ into the weights of the GEMM that follows; an op in between leaves it an unfoldable int8 tensor);
   * a per-channel DQ on a [in, out] MatMul weight uses the output dimension (axis 1 or -1), scales sized to it;
   * activations are quantized per tensor, every QuantizeLinear is followed only by DequantizeLinear with the same
-    scale and zero point, and every DQ reads a quantized initializer or a QuantizeLinear;
+    scale and zero point, and every DQ reads a quantized initializer, a QuantizeLinear, or an int8/fp8 graph
+    input (a quantized KV cache, dequantized per tensor; its QuantizeLinear's output is also a graph output);
   * scales and zero points are constants (initializers or Constant nodes); readable scales are positive and finite.
 The model is loaded without external data: names and types come from the graph, scale and zero-point values
 from inline initializers, or external ones of at most SMALL_BYTES read from the model's directory.
@@ -168,6 +169,7 @@ def _axis(n: onnx.NodeProto) -> int:
 
 def _check_qdq(proto: onnx.ModelProto, g: _Graph) -> list[str]:
     problems: list[str] = []
+    quantized_inputs = {v.name for v in proto.graph.input if v.type.tensor_type.elem_type in QUANT_TYPES}
     for n in proto.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in ("", "ai.onnx"):
             continue
@@ -203,6 +205,10 @@ def _check_qdq(proto: onnx.ModelProto, g: _Graph) -> list[str]:
                 elif scale_dims != (dims[1],):
                     problems.append(f"{_node(n)}: scale shape {list(scale_dims)} does not match weight {x}'s "
                                     f"output dimension {dims[1]}")
+        elif x in quantized_inputs:  # a quantized KV cache read back in: per tensor, like an activation
+            if any(d != 1 for d in scale_dims):
+                problems.append(f"{_node(n)}: per-channel scale {scale_dims} on graph input {x}; a quantized "
+                                "cache is dequantized per tensor")
         elif source is None or source.op_type != "QuantizeLinear":
             what = f"the output of {_node(source)}" if source is not None else "a graph input"
             problems.append(f"{_node(n)}: reads {x}, {what}; TensorRT needs the quantized initializer or a "

@@ -42,7 +42,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def trace(spec: ExportSpec) -> ir.Model:
     """Export the decoder graph with meta weights; inputs, outputs and axes named by the spec's contract."""
-    config, dtype, io = spec.config, spec.dtype, spec.io
+    config, dtype, io = spec.config, spec.dtype, spec.trace_io
     tdtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = LlamaDecoder(config).to(tdtype)

@@ -5,7 +5,7 @@ import dataclasses
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
-from llama3_deploy.dtypes import normalize_dtype
+from llama3_deploy.dtypes import KV_QUANT_DTYPES, normalize_dtype
 from llama3_deploy.errors import DeployError
 
 from .quantize import QuantSpec
@@ -22,15 +22,21 @@ class ExportSpec:
     logits: str                         # contract.LOGITS_MODES
     quantization: QuantSpec | None = None
     argmax: bool = False
+    kv_dtype: str | None = None         # None: the weights' dtype; int8/float8e4m3fn: calibrate --kv-cache
     io: contract.DecoderIO = dataclasses.field(init=False, compare=False, repr=False)
+    # The graph as traced, before a transform quantizes its KV cache (equal to io when kv_dtype is None).
+    trace_io: contract.DecoderIO = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "io", contract.decoder_io(self.config, self.dtype, flavor=self.flavor,
-                                                           logits=self.logits, argmax=self.argmax))
+        def io(kv_dtype):
+            return contract.decoder_io(self.config, self.dtype, flavor=self.flavor, logits=self.logits,
+                                       argmax=self.argmax, kv_dtype=kv_dtype)
+        object.__setattr__(self, "io", io(self.kv_dtype))
+        object.__setattr__(self, "trace_io", io(None) if self.kv_dtype is not None else self.io)
 
     @classmethod
     def make(cls, config: LlamaConfig, *, dtype: str, flavor: str, logits: str | None = None,
-             quantization: QuantSpec | None = None, argmax: bool = False) -> ExportSpec:
+             quantization: QuantSpec | None = None, argmax: bool = False, kv_dtype: str | None = None) -> ExportSpec:
         """Check the options against each other and the config (DeployError naming the problem); `logits`
         None takes the flavor's default."""
         try:
@@ -51,12 +57,15 @@ class ExportSpec:
                               "GroupQueryAttention have no bfloat16)")
         if quantization is not None:
             quantization.check(config)
-        return cls(config, dtype, flavor, logits, quantization, bool(argmax))
+        if kv_dtype is not None and (flavor != "portable" or kv_dtype not in KV_QUANT_DTYPES.values()):
+            raise DeployError(f"a {kv_dtype} KV cache is a calibrated Q/DQ option of the portable flavor "
+                              f"(choose one of {', '.join(KV_QUANT_DTYPES.values())})")
+        return cls(config, dtype, flavor, logits, quantization, bool(argmax), kv_dtype)
 
     def with_config(self, config: LlamaConfig) -> ExportSpec:
         """The same graph options for another config (the reduced export that validation runs)."""
         return dataclasses.replace(self, config=config)
 
     def options_json(self) -> dict:
-        return {"flavor": self.flavor, "logits": self.logits, "argmax": self.argmax,
+        return {"flavor": self.flavor, "logits": self.logits, "argmax": self.argmax, "kv_dtype": self.kv_dtype,
                 "quantization": self.quantization.to_json() if self.quantization else None}

@@ -13,7 +13,7 @@ import torch
 
 from llama3_deploy import contract
 from llama3_deploy.config import LlamaConfig
-from llama3_deploy.dtypes import numpy_dtype, onnx_type
+from llama3_deploy.dtypes import FROM_ONNX, numpy_dtype, onnx_type
 from llama3_deploy.errors import ValidationError
 
 from .model import Block, RMSNorm, additive_mask, rope_cos_sin
@@ -57,8 +57,7 @@ def check_structure(model_path: Path, io: contract.DecoderIO, weights: dict[str,
     proto = onnx.load(str(model_path), load_external_data=False)
     problems = []
     for values, specs in ((proto.graph.input, io.inputs), (proto.graph.output, io.outputs)):
-        got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-                if v.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16",
+        got = [(v.name, FROM_ONNX.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
                 tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
         want = [(s.name, s.dtype, s.shape) for s in specs]
         if got != want:

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Union
 
 from .config import LlamaConfig
-from .dtypes import EXPORT_DTYPES
+from .dtypes import EXPORT_DTYPES, KV_QUANT_DTYPES
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -111,9 +111,10 @@ class DecoderIO:
 
 
 def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", logits: str = "all",
-               argmax: bool = False) -> DecoderIO:
-    """The contract of the decoder graph for a config, a weight dtype, a flavor, a logits mode and whether the
-    graph also returns greedy ids.
+               argmax: bool = False, kv_dtype: str | None = None) -> DecoderIO:
+    """The contract of the decoder graph for a config, a weight dtype, a flavor, a logits mode, whether the
+    graph also returns greedy ids, and the KV cache's dtype (None: the weights' dtype; int8 or float8e4m3fn
+    for a calibrated portable graph whose cache is quantized, see calibration/kv_qdq.py).
 
     portable:  ids [B, S], mask [B, P+S] (0 = padding), positions [B, S], past [B, K, P, D] -> present [B, K, P+S, D]
     optimized: ids [B, S], mask [B, T] (T <= M; row b's count of ones is its length after this step, so
@@ -133,6 +134,10 @@ def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", log
         raise ValueError(f"logits mode {logits!r} is not available for the {flavor} flavor")
     if argmax and flavor != "optimized":
         raise ValueError("in-graph argmax (next_token) is available for the optimized flavor only")
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    if kv_dtype != dtype and (kv_dtype not in KV_QUANT_DTYPES.values() or flavor != "portable"):
+        raise ValueError(f"a {kv_dtype!r} KV cache is not available for a {dtype} {flavor} graph "
+                         f"(quantized caches: {', '.join(KV_QUANT_DTYPES.values())}, portable flavor)")
     inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE))]
     logits_len: Dim = SEQUENCE if logits == "all" else 1
     outputs = [TensorSpec(LOGITS, LOGITS_DTYPE, (BATCH, logits_len, config.vocab_size))]
@@ -147,6 +152,6 @@ def decoder_io(config: LlamaConfig, dtype: str, *, flavor: str = "portable", log
         kv_in = kv_out = (BATCH, config.num_key_value_heads, MAX_SEQUENCE, config.head_dim)
         inputs += [TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE))]
     for i in range(config.num_hidden_layers):
-        inputs += [TensorSpec(past_key(i), dtype, kv_in), TensorSpec(past_value(i), dtype, kv_in)]
-        outputs += [TensorSpec(present_key(i), dtype, kv_out), TensorSpec(present_value(i), dtype, kv_out)]
+        inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
+        outputs += [TensorSpec(present_key(i), kv_dtype, kv_out), TensorSpec(present_value(i), kv_dtype, kv_out)]
     return DecoderIO(tuple(inputs), tuple(outputs))

@@ -26,10 +26,13 @@ TABLE: dict[str, DType] = {d.name: d for d in (
     DType("int32", 4, 6, "tensor(int32)"),
     DType("int8", 1, 3, "tensor(int8)"),
     DType("uint8", 1, 2, "tensor(uint8)"),
+    DType("float8e4m3fn", 1, 17, "tensor(float8e4m3fn)"),
 )}
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # weight and KV cache dtypes an export can have
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # weight dtypes an export can have (and its default KV dtype)
+KV_QUANT_DTYPES = {"int8": "int8", "fp8": "float8e4m3fn"}  # calibrate --kv-cache: a quantized KV cache's dtype
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FROM_ORT = {d.ort: d.name for d in TABLE.values()}
+FROM_ONNX = {d.onnx: d.name for d in TABLE.values()}
 
 
 def normalize_dtype(name: str) -> str:
@@ -49,8 +52,16 @@ def onnx_type(name: str) -> int:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """numpy's dtype for a name; bfloat16 comes from ml_dtypes (installed with the export extra)."""
-    if name == "bfloat16":
+    """numpy's dtype for a name; bfloat16 and float8e4m3fn come from ml_dtypes (installed with the export extra)."""
+    if name in ("bfloat16", "float8e4m3fn"):
         import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, {"float8e4m3fn": "float8_e4m3fn"}.get(name, name)))
     return np.dtype(name)
+
+
+def binding_dtype(name: str) -> tuple[np.dtype, object]:
+    """(numpy storage dtype, element type ONNX Runtime's IOBinding takes) for a runtime buffer. float8 has no
+    numpy type ONNX Runtime accepts: raw uint8 storage, bound by its ONNX type number."""
+    if name == "float8e4m3fn":
+        return np.dtype(np.uint8), onnx_type(name)
+    return numpy_dtype(name), numpy_dtype(name)

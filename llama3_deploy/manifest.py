@@ -38,6 +38,7 @@ class Manifest:
     quantization: dict | None  # the weight-only quantization spec (export.quantize.QuantSpec.to_json), if any
     io: contract.DecoderIO
     argmax: bool = False       # the graph also returns greedy ids (contract.NEXT_TOKEN)
+    kv_dtype: str | None = None  # a quantized KV cache's dtype (calibrate --kv-cache); None: the weights' dtype
 
 
 def load_manifest(model_dir: str | Path) -> Manifest:
@@ -60,10 +61,11 @@ def load_manifest(model_dir: str | Path) -> Manifest:
         logits = raw.get("logits", contract.DEFAULT_LOGITS.get(flavor))
         quantization = raw.get("quantization")
         argmax = bool(raw.get("argmax", False))
-        expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits, argmax=argmax)
+        kv_dtype = raw.get("kv_dtype")
+        expected = contract.decoder_io(config, dtype, flavor=flavor, logits=logits, argmax=argmax, kv_dtype=kv_dtype)
     except (KeyError, TypeError, ValueError) as e:
         raise DeployError(f"{path} is malformed: {e}") from None
     if io != expected:
-        raise DeployError(f"{path}: its I/O contract does not match its config, dtype, flavor, logits mode and "
-                          "argmax")
-    return Manifest(path, raw, config, dtype, flavor, logits, quantization, io, argmax)
+        raise DeployError(f"{path}: its I/O contract does not match its config, dtype, flavor, logits mode, "
+                          "argmax and KV cache dtype")
+    return Manifest(path, raw, config, dtype, flavor, logits, quantization, io, argmax, kv_dtype)

@@ -12,7 +12,7 @@ from llama3_deploy.contract import TOKENIZER_FILES
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import MANIFEST_FILE, load_manifest
 
-from .generate import DEFAULT_PREFILL_CHUNK
+from .generate import BACKENDS, DEFAULT_PREFILL_CHUNK
 from .sampling import SamplingParams
 
 _S = SamplingParams()
@@ -20,8 +20,12 @@ CHAT_MAX_NEW_TOKENS = 512  # a long answer, yet a runaway reply ends in seconds 
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="export directory (from llama3-deploy export)")
+    p.add_argument("--model", required=True,
+                   help="export directory (from llama3-deploy export), or an engine directory with --backend tensorrt")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="onnxruntime: an export directory; tensorrt: an engine directory from build-engine "
+                        "(needs --device cuda and the tensorrt extra)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the decode step once and replay it (CUDA, optimized exports with --logits last)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
@@ -48,7 +52,7 @@ def _params(args) -> SamplingParams:
 def _generator(args):
     from .generate import Generator
     return Generator(args.model, device=args.device, threads=args.threads, prefill_chunk=args.prefill_chunk,
-                     cuda_graph=args.cuda_graph)
+                     cuda_graph=args.cuda_graph, backend=args.backend)
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

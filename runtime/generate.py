@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,15 +18,17 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
+from llama3_deploy.engine import ENGINE_MANIFEST_FILE
 from llama3_deploy.errors import DeployError
 
 from .chat import ChatFormat
 from .kv import KVCache, allocate
 from .sampling import Sampler, SamplingParams
-from .session import DecoderSession
+from .session import DecoderSession, Device
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill run; bounds the logits buffer to B x chunk x V
+BACKENDS = ("onnxruntime", "tensorrt")
 CAPACITY_PAGE = 256  # KV capacity grows in whole pages, so slightly longer prompts reuse the buffers
 Messages = Sequence[dict]
 Prompt = Union[str, Sequence[int], Messages]
@@ -78,7 +81,7 @@ class _Sequence:
         self._decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer else None
         self._stop = _StopText(params.stop)
         self._cut = False  # the text was cut at a stop string: nothing held back is emitted
-        self._eos = frozenset() if params.ignore_eos else eos_ids
+        self._eos = (frozenset() if params.ignore_eos else frozenset(eos_ids)) | frozenset(params.stop_token_ids)
         self._max = params.max_new_tokens
 
     @property
@@ -120,14 +123,53 @@ class Generator:
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", threads: int = 0,
                  graph_optimization: str = "all", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, backend: str = "onnxruntime"):
         """device: 'cpu', 'cuda' or 'cuda:N'. threads: ONNX Runtime intra-op threads, 0 (its default) to
-        session.MAX_THREADS (1024; more is refused, not clamped). prefill_chunk: prompt tokens per prefill run."""
+        session.MAX_THREADS (1024; more is refused, not clamped). prefill_chunk: prompt tokens per prefill run.
+        backend: "onnxruntime" (an export directory) or "tensorrt" (an engine directory from build-engine, on
+        CUDA; threads and graph_optimization are ONNX Runtime's and do not apply)."""
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
             raise DeployError(f"prefill_chunk must be a positive integer, not {prefill_chunk!r}")
-        self.session = DecoderSession.from_dir(model_dir, device=device, threads=threads,
-                                               graph_optimization=graph_optimization, cuda_graph=cuda_graph)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise DeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "tensorrt":
+            if Device.parse(device).kind != "cuda":
+                raise DeployError("the tensorrt backend runs TensorRT engines on a CUDA GPU; pass device 'cuda' "
+                                  "(or cuda:N), or use the onnxruntime backend with an export directory on the CPU")
+            if cuda_graph:
+                raise DeployError("cuda_graph is ONNX Runtime's decode capture; the tensorrt backend does not use it")
+            from .tensorrt import TensorRTSession  # TensorRT and cuda-python load only here
+            session = TensorRTSession(model_dir, device=device)
+        else:
+            if isinstance(model_dir, (str, os.PathLike)) and (Path(model_dir) / ENGINE_MANIFEST_FILE).is_file():
+                raise DeployError(f"{model_dir} is a TensorRT engine directory; run it with backend 'tensorrt' "
+                                  "(--backend tensorrt) on a CUDA device")
+            session = DecoderSession.from_dir(model_dir, device=device, threads=threads,
+                                              graph_optimization=graph_optimization, cuda_graph=cuda_graph)
+        self._attach(session, model_dir, prefill_chunk)
+
+    @classmethod
+    def from_session(cls, session, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Generator:
+        """A Generator over an open session (a DecoderSession, or a TensorRTSession on any device: how the
+        tests drive TensorRT's code on host memory); tokenizer files are read from `session.model_dir`."""
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk <= 0:
+            raise DeployError(f"prefill_chunk must be a positive integer, not {prefill_chunk!r}")
+        gen = cls.__new__(cls)
+        gen._attach(session, session.model_dir, prefill_chunk)
+        return gen
+
+    def _attach(self, session, model_dir: str | Path, prefill_chunk: int) -> None:
+        self.session = session
         self.config = self.session.config
+        # An engine accepts at most its build's rows, context and prefill chunk (build-engine's limits).
+        self.max_context = getattr(session, "max_context", self.config.max_position_embeddings)
+        self.max_batch = getattr(session, "max_batch", None)
+        engine_chunk = getattr(session, "prefill_chunk", None)
+        if engine_chunk is not None and prefill_chunk > engine_chunk:
+            if prefill_chunk != DEFAULT_PREFILL_CHUNK:
+                raise DeployError(f"prefill_chunk {prefill_chunk} exceeds the engine's {engine_chunk} "
+                                  "(build-engine --prefill-chunk); pass a value up to it")
+            prefill_chunk = engine_chunk  # the default adapts to the engine
         self.prefill_chunk = prefill_chunk
         has_tokenizer = any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
         self.tokenizer = Tokenizer.from_dir(model_dir) if has_tokenizer else None
@@ -138,9 +180,14 @@ class Generator:
         self.eos_ids = frozenset(self.config.eos_token_ids)
         self._cache: KVCache | None = None
 
+    def _context_name(self) -> str:
+        if hasattr(self.session, "max_context"):
+            return f"the engine's context of {self.max_context} tokens (build-engine --max-context)"
+        return f"the model's context of {self.max_context} tokens"
+
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs) -> Generator:
-        """Same as Generator(model_dir, ...): device, threads, graph_optimization, prefill_chunk."""
+        """Same as Generator(model_dir, ...): device, threads, graph_optimization, prefill_chunk, backend."""
         return cls(model_dir, **kwargs)
 
     # --- prompts -------------------------------------------------------------------------------------
@@ -239,9 +286,8 @@ class Generator:
             raise DeployError(f"{self.session.model_dir} computes logits for the last position only; export it with "
                               "--logits all to score every position")
         ids = self.encode_prompt(prompt)
-        if len(ids) > self.config.max_position_embeddings:
-            raise DeployError(f"prompt of {len(ids)} tokens exceeds the model's context of "
-                              f"{self.config.max_position_embeddings} tokens")
+        if len(ids) > self.max_context:
+            raise DeployError(f"prompt of {len(ids)} tokens exceeds {self._context_name()}")
         return self._cache_for(1, len(ids)).prompt_logits(ids)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -260,15 +306,18 @@ class Generator:
     def _generate(self, rows: list[list[int]], params: SamplingParams):
         """Yields (row, text_delta) while generating, then the list of GenerationResults."""
         longest = max(len(r) for r in rows)
-        if longest + params.max_new_tokens > self.config.max_position_embeddings:
-            raise DeployError(f"prompt of {longest} tokens plus max_new_tokens {params.max_new_tokens} exceeds the "
-                              f"model's context of {self.config.max_position_embeddings} tokens")
+        if longest + params.max_new_tokens > self.max_context:
+            raise DeployError(f"prompt of {longest} tokens plus max_new_tokens {params.max_new_tokens} exceeds "
+                              f"{self._context_name()}")
+        if self.max_batch is not None and len(rows) > self.max_batch:
+            raise DeployError(f"{len(rows)} prompts exceed the engine's batch of {self.max_batch} "
+                              "(build-engine --max-batch)")
         t0 = time.perf_counter()
         B = len(rows)
         cache = self._cache_for(B, longest + params.max_new_tokens)
         # Greedy without a repetition penalty is the argmax of the raw logits: with an --argmax export only
         # the graph's ids are read back (B int64 per step instead of B x V fp32 logits).
-        ids_only = self.session.argmax and params.greedy and params.repetition_penalty == 1.0
+        ids_only = self.session.argmax and params.plain_greedy
         sampler = Sampler(params, B, self.config.vocab_size, prompts=rows)
         seqs = [_Sequence(r, params, self.tokenizer, self.eos_ids) for r in rows]
         out = cache.prefill(rows, ids_only=ids_only)  # [B, V] logits, or [B] ids

@@ -46,9 +46,10 @@ class KVCache:
         self.vocab = session.config.vocab_size
         self.kv_heads, self.head_dim = session.config.num_key_value_heads, session.config.head_dim
         self.all_logits = session.logits == "all"
-        # With CUDA graphs the ids and logits live on the device too (a replayed graph reads and writes fixed
-        # device addresses); otherwise they are host buffers ONNX Runtime copies from and into.
-        io_device = session.device if session.cuda_graph else HOST
+        # With CUDA graphs (and on TensorRT, which reads every tensor from the device) the ids and logits live on
+        # the device too (a replayed graph reads and writes fixed device addresses); otherwise they are host
+        # buffers ONNX Runtime copies from and into.
+        io_device = session.device if session.io_on_device else HOST
         self.graph_id = None
         if session.cuda_graph:
             KVCache._graphs += 1
@@ -69,7 +70,7 @@ class KVCache:
         logits = batch * L * (c.vocab_size * 4 + (8 if session.argmax else 0))  # logits [B, L, V], next_token
         tokens = 3 * batch * chunk * 8  # ids (and their host copy), positions [B, S]
         kv = len(session.io.past_names) * batch * c.num_key_value_heads * capacity * c.head_dim
-        kv *= itemsize(session.dtype)
+        kv *= itemsize(session.kv_dtype)
         return logits + tokens + cls.KV_COPIES * kv + cls.MASKS * batch * capacity * 8
 
     # --- the flavor's part -----------------------------------------------------------------------------
@@ -140,12 +141,18 @@ class PingPongKV(KVCache):
     def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
         super().__init__(session, batch, capacity, chunk)
         numel = batch * self.kv_heads * capacity * self.head_dim
-        self.buffers = [(DeviceBuffer(session.device, session.dtype, numel),
-                         DeviceBuffer(session.device, session.dtype, numel)) for _ in session.io.past_names]
-        self.pos = DeviceBuffer(HOST, "int64", batch * chunk)             # [B, S]
-        self.mask = DeviceBuffer(HOST, "int64", batch * capacity)         # [B, capacity]: 0 on left padding
-        self.mask_step = DeviceBuffer(HOST, "int64", batch * capacity)    # the contiguous [B, P+S] bound
-        self.mask_step.host.fill(1)
+        self.buffers = [(DeviceBuffer(session.device, session.kv_dtype, numel),
+                         DeviceBuffer(session.device, session.kv_dtype, numel)) for _ in session.io.past_names]
+        # Positions and the bound mask live where the session reads its inputs (the host for ONNX Runtime, the
+        # device for TensorRT), written on the host and uploaded each step (a no-op when they are host memory).
+        io_device = session.device if session.io_on_device else HOST
+        self.pos = DeviceBuffer(io_device, "int64", batch * chunk)             # [B, S]
+        self.mask = DeviceBuffer(HOST, "int64", batch * capacity)              # [B, capacity]: 0 on left padding
+        self.mask_step = DeviceBuffer(io_device, "int64", batch * capacity)    # the contiguous [B, P+S] bound
+        self.pos_host = _host_of(self.pos)
+        self.mask_step_host = _host_of(self.mask_step)
+        self.mask_step_host.fill(1)
+        self.mask_step.upload(self.mask_step_host)
         self.pads = np.zeros(batch, np.int64)
         self.length = 0   # tokens cached, padding included (the same for every row)
         self.parity = 0   # which buffer of each pair holds the cache
@@ -176,11 +183,14 @@ class PingPongKV(KVCache):
         if total > self.capacity:
             raise DeployError(f"KV cache capacity {self.capacity} exceeded")
         # A row's positions count its real tokens: left padding shifts them down (clamped at 0 on the padding).
-        self.pos.view((B, S))[...] = np.maximum(np.arange(self.length, total)[None] - self.pads[:, None], 0)
+        self.pos_host[:B * S].reshape(B, S)[...] = np.maximum(np.arange(self.length, total)[None]
+                                                              - self.pads[:, None], 0)
+        self.pos.upload(self.pos_host)
         # The graph takes a contiguous [B, total] mask. One row has no padding: a prefix of the all-ones
         # buffer, no work. Left-padded rows are rebuilt per step (B x total int64 on the host).
         if B > 1:
-            self.mask_step.view((B, total))[...] = self.mask.view((B, self.capacity))[:, :total]
+            self.mask_step_host[:B * total].reshape(B, total)[...] = self.mask.view((B, self.capacity))[:, :total]
+            self.mask_step.upload(self.mask_step_host)
         self.mask_step.bind_input(self.binding, contract.ATTENTION_MASK, (B, total))
         self.pos.bind_input(self.binding, contract.POSITION_IDS, (B, S))
         past = (B, self.kv_heads, self.length, self.head_dim)
@@ -208,7 +218,7 @@ class SharedKV(KVCache):
     def __init__(self, session: DecoderSession, batch: int, capacity: int, chunk: int):
         super().__init__(session, batch, capacity, chunk)
         self.row_numel = self.kv_heads * capacity * self.head_dim
-        self.buffers = [DeviceBuffer(session.device, session.dtype, batch * self.row_numel)
+        self.buffers = [DeviceBuffer(session.device, session.kv_dtype, batch * self.row_numel)
                         for _ in session.io.past_names]
         self.lengths = np.zeros(batch, np.int64)
         self.mask_host = np.zeros((batch, capacity), np.int64)  # the host copy of the lengths mask
@@ -223,6 +233,12 @@ class SharedKV(KVCache):
         """Empty one slot (a finished request) without touching the other rows' caches."""
         self.lengths[row] = 0
         self.mask_host[row].fill(0)
+
+    def truncate_row(self, row: int, length: int) -> None:
+        """Forget slot `row`'s entries past `length` (what a decode step wrote into a slot that is still being
+        prefilled: the next prefill chunk overwrites those positions)."""
+        self.lengths[row] = length
+        self.mask_host[row, length:].fill(0)
 
     def prefill(self, rows: list[list[int]], *, ids_only: bool = False) -> np.ndarray:
         """Every row from empty: prompts of one length that fit a chunk in one batched run, otherwise each row
@@ -280,6 +296,11 @@ class SharedKV(KVCache):
         """The cached keys/values [B, K, M, D] on the host, one per past/present pair (what validation checks)."""
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
         return [b.download().reshape(shape) for b in self.buffers]
+
+
+def _host_of(buf: DeviceBuffer) -> np.ndarray:
+    """The host array a buffer is written through: itself on the CPU, a staging copy uploaded to a device one."""
+    return buf.host if buf.host is not None else np.zeros(buf.numel, np.int64)
 
 
 def allocate(session: DecoderSession, batch: int, capacity: int, chunk: int) -> KVCache:

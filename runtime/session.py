@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from llama3_deploy import contract
 from llama3_deploy.contract import DATA_FILE, MODEL_FILE
-from llama3_deploy.dtypes import FROM_ORT, numpy_dtype
+from llama3_deploy.dtypes import FROM_ORT, binding_dtype
 from llama3_deploy.errors import DeployError
 from llama3_deploy.manifest import Manifest, load_manifest
 
@@ -60,13 +60,14 @@ class DeviceBuffer:
 
     def __init__(self, device: Device, dtype: str, numel: int):
         self.device, self.dtype, self.numel = device, dtype, numel
-        np_dtype = numpy_dtype(dtype)
+        storage, self.element_type = binding_dtype(dtype)
+        self.itemsize = storage.itemsize
         if device.kind == "cpu":
-            self.host = np.zeros(numel, dtype=np_dtype)  # the same memory ONNX Runtime reads and writes
+            self.host = np.zeros(numel, dtype=storage)  # the same memory ONNX Runtime reads and writes
             self.ptr = self.host.ctypes.data
         else:
             self.host = None
-            self.value = ort.OrtValue.ortvalue_from_shape_and_type([numel], np_dtype, "cuda", device.index)
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type([numel], self.element_type, "cuda", device.index)
             self.ptr = self.value.data_ptr()
 
     def view(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -74,15 +75,15 @@ class DeviceBuffer:
         return self.host[: int(np.prod(shape))].reshape(shape)
 
     def _at(self, offset: int) -> int:
-        return self.ptr + offset * np.dtype(numpy_dtype(self.dtype)).itemsize
+        return self.ptr + offset * self.itemsize
 
     def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
         """Bind elements [offset, offset + prod(shape)) as input `name`."""
-        binding.bind_input(name, self.device.kind, self.device.index, numpy_dtype(self.dtype), list(shape),
+        binding.bind_input(name, self.device.kind, self.device.index, self.element_type, list(shape),
                            self._at(offset))
 
     def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0) -> None:
-        binding.bind_output(name, self.device.kind, self.device.index, numpy_dtype(self.dtype), list(shape),
+        binding.bind_output(name, self.device.kind, self.device.index, self.element_type, list(shape),
                             self._at(offset))
 
     def download(self) -> np.ndarray:
@@ -113,6 +114,8 @@ class DecoderSession:
         self.model_path = Path(model_path)
         self.model_dir = self.model_path.parent
         self.config, self.dtype, self.io = config, dtype, io
+        # The KV cache's dtype: the weights' dtype, or int8 / float8 for a calibrated quantized cache.
+        self.kv_dtype = next((s.dtype for s in io.inputs if s.name == contract.past_key(0)), dtype)
         self.flavor, self.logits, self.argmax = flavor, logits, argmax
         self.manifest = manifest
         self.device = Device.parse(device)
@@ -165,6 +168,12 @@ class DecoderSession:
                 diff.insert(0, f"graph has {len(got_in)} inputs/{len(got_out)} outputs, {what} "
                                f"{len(want_in)}/{len(want_out)}")
             raise DeployError(f"export {self.model_dir}: graph does not match its {what}: {'; '.join(diff[:3])}")
+
+    @property
+    def io_on_device(self) -> bool:
+        """Whether ids, logits, positions and masks must be device buffers: only for CUDA graph replay (ONNX
+        Runtime copies host inputs itself otherwise)."""
+        return self.cuda_graph
 
     def new_binding(self) -> ort.IOBinding:
         return self.session.io_binding()

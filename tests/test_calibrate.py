@@ -82,8 +82,23 @@ def test_cli(tok_checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["qdq"]["format"] == "int8"
 
 
+def test_cli_kv_cache_int8_is_gated_and_runs(tok_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "kv"
+    assert main(["calibrate", "--model", str(tok_checkpoint), "--output", str(out_dir), "--kv-cache", "int8",
+                 "--num-sequences", "4", "--seq-len", "48", "--decode-steps", "2", "--quiet"]) == 0
+    assert "KV cache int8: 4 per-tensor scales" in capsys.readouterr().out
+    m = json.loads((out_dir / "manifest.json").read_text())
+    assert m["kv_dtype"] == "int8" and set(m["qdq"]["kv_cache"]["tensors"]) == {
+        "layers.0.key", "layers.0.value", "layers.1.key", "layers.1.value"}
+    assert m["validation"]["qdq"]["accuracy_gate"]["passed"]
+    g = Generator(out_dir)
+    assert g.session.kv_dtype == "int8" and len(g.generate([5, 9], max_new_tokens=3, ignore_eos=True).generated_ids) == 3
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--format", "int4"], "invalid choice"),
+    (["--format", "int4-awq", "--kv-cache", "int8"], "--kv-cache"),
+    (["--kv-cache", "int4"], "invalid choice"),
     (["--smoothquant-alpha", "2"], "--smoothquant-alpha"),
     (["--seq-len", "100000"], "seq_len"),  # the last --seq-len wins
     (["--max-kl", "-1"], "max_kl"),
@@ -109,6 +124,8 @@ def test_plan_refuses_unknown_values():
         CalibrationPlan(fmt="int4")
     with pytest.raises(DeployError, match="clip"):
         CalibrationPlan(clip="p99")
+    with pytest.raises(DeployError, match="KV cache format"):
+        CalibrationPlan(kv_cache="int4")
     with pytest.raises(DeployError, match="max_ppl_increase"):
         GateThresholds(max_ppl_increase=float("nan"))
 

@@ -36,6 +36,7 @@ def assert_same_stats(a: ActivationStats, b: ActivationStats) -> None:
     for name, w in a.weights.items():
         np.testing.assert_array_equal(w.out_max, b.weights[name].out_max)
         np.testing.assert_array_equal(w.in_max, b.weights[name].in_max)
+    assert a.kv_amax == b.kv_amax and len(a.kv_amax) == 2 * len(a.weights) // 7
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -174,6 +175,8 @@ def hooked_reference(source, calib, decode_steps):
     for t in range(prefill, length):
         _, *past = model(ids[:, t:t + 1], torch.ones(n, t + 1, dtype=torch.int64),
                          torch.full((n, 1), t), *past)
+    for i in range(len(model.layers)):  # the final cache holds every position's key (after RoPE) and value
+        ref[f"layers.{i}.key"], ref[f"layers.{i}.value"] = (float(t.abs().max()) for t in past[2 * i:2 * i + 2])
     return ref
 
 
@@ -184,7 +187,10 @@ def test_block_by_block_equals_whole_model_with_decode_steps(monkeypatch):
     monkeypatch.setattr(cstats, "DECODE_BATCH", 3)  # decode groups of 3, prefill batches of 2 inside them
     stats = collect_statistics(source, calib, decode_steps=4, batch=2)
     ref = hooked_reference(source, calib, decode_steps=4)
-    assert set(ref) == set(stats.groups)
+    kv = {k: ref.pop(k) for k in list(ref) if k.endswith((".key", ".value"))}
+    assert set(ref) == set(stats.groups) and set(kv) == set(stats.kv_amax)
+    for name, amax in kv.items():
+        assert math.isclose(stats.kv_amax[name], amax, rel_tol=1e-6) and amax > 0, name
     for name, r in ref.items():
         g = stats.groups[name]
         assert g.tokens == r["tokens"] == 5 * 24, name  # every prefill and decode token
