@@ -18,7 +18,9 @@ from llama3_deploy import demo
 from llama3_deploy.benchmarks import cli as bench_cli
 from llama3_deploy.calibration import cli as calibrate_cli
 from llama3_deploy.export import cli as export_cli
+from llama3_deploy.export import engine_cli
 from llama3_deploy.runtime import cli as runtime_cli
+from llama3_deploy.server import cli as server_cli
 
 from .errors import DeployError
 
@@ -27,6 +29,8 @@ EXTRA_MODULES = {
     "export": ("torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "ml_dtypes", "tqdm"),
     "bench": ("torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "ml_dtypes", "tqdm", "transformers",
               "matplotlib", "psutil"),
+    "tensorrt": ("tensorrt", "cuda"),  # TensorRT and cuda-python (its module is `cuda`)
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
 }
 TORCH_NOTE = "torch: `pip install torch==2.13.0` takes the CPU wheel; an unpinned torch pulls CUDA packages"
 
@@ -47,6 +51,8 @@ COMMANDS = (
             export_cli.add_arguments, "export"),
     Command("calibrate", "calibrate a checkpoint into a gated Q/DQ export (INT8 W8A8 with SmoothQuant, or FP8) "
             "that TensorRT builds", calibrate_cli.add_arguments, "export"),
+    Command("build-engine", "build a TensorRT engine from a portable or calibrated Q/DQ export (for generate "
+            "--backend tensorrt)", engine_cli.add_arguments, "tensorrt"),
     Command("generate", "generate text from an export (streams to the terminal; --json for scripts)",
             runtime_cli.add_generate_arguments),
     Command("chat", "interactive multi-turn chat with streaming", runtime_cli.add_chat_arguments),
@@ -54,6 +60,8 @@ COMMANDS = (
             runtime_cli.add_tokens_arguments),
     Command("inspect", "a model's config and structure at a glance (checkpoint or export)",
             runtime_cli.add_inspect_arguments),
+    Command("serve", "serve an export over an OpenAI-compatible HTTP API (continuous batching, streaming)",
+            server_cli.add_arguments, "serve"),
     Command("bench", "benchmark the runtime against PyTorch and peers (latency, memory, physical floor)",
             bench_cli.add_arguments, "bench"),
     Command("demo", "run the whole pipeline on an embedded default model with random weights",
@@ -62,8 +70,9 @@ COMMANDS = (
 
 
 def _needs(command: Command, missing: list[str]) -> str:
+    note = f" ({TORCH_NOTE})" if "torch" in EXTRA_MODULES.get(command.extra, ()) else ""
     return (f"`llama3-deploy {command.name}` needs the {command.extra} extra (missing: {', '.join(missing)}): "
-            f"pip install 'llama3-deploy[{command.extra}]' ({TORCH_NOTE})")
+            f"pip install 'llama3-deploy[{command.extra}]'{note}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,9 @@ from .tokenizer import check_unicode
 MAX_STOP_STRINGS = 16    # stop strings per request: each one is searched for after every token
 MAX_STOP_CHARS = 256     # characters per stop string
 SEED_LIMIT = 1 << 64     # seeds are integers in [0, 2**64); None draws a fresh random seed
+MAX_STOP_TOKEN_IDS = 64  # extra stop ids per request
+MAX_LOGPROBS = 20        # top alternatives per token (OpenAI's own cap)
+PENALTY_RANGE = 2.0      # presence/frequency penalties in [-2, 2], as OpenAI's API
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks force the token count
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from each id generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated ids
+    stop_token_ids: tuple[int, ...] = ()  # ids that end the request like EOS (not reported as text)
+    logprobs: int | None = None     # None: none; k: the sampled id's logprob and the k most likely ids' (0..20)
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,21 +57,40 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             problems.append(f"seed must be an integer in [0, 2**64), or None for a random seed (got {self.seed!r})")
         problems += _stop_problems(self.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not -PENALTY_RANGE <= v <= PENALTY_RANGE:
+                problems.append(f"{name} must be in [-2, 2] (got {v!r})")
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or len(ids) > MAX_STOP_TOKEN_IDS \
+                or not all(_is_int(i) and 0 <= i < SEED_LIMIT for i in ids):
+            problems.append(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0 "
+                            f"(got {ids!r:.60})")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems.append(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS} (got {self.logprobs!r})")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             problems.append(f"ignore_eos must be True or False (got {self.ignore_eos!r})")
         if problems:
             raise DeployError("invalid sampling parameters: " + "; ".join(problems))
         # Normal forms (numpy scalars -> Python numbers, a list of stops -> tuple) keep the dataclass hashable.
         for name, kind in (("max_new_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
-                           ("top_p", float), ("repetition_penalty", float)):
+                           ("top_p", float), ("repetition_penalty", float), ("presence_penalty", float),
+                           ("frequency_penalty", float), ("logprobs", int)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
         object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits: what an --argmax graph's greedy ids are (no penalty, no logprobs)."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0
+                and self.frequency_penalty == 0 and self.logprobs is None)
 
 
 def _is_int(x: Any) -> bool:
@@ -116,6 +142,10 @@ class Sampler:
             self.seen = np.zeros((rows, vocab_size), dtype=bool)
             for row, ids in enumerate(prompts):
                 self.seen[row, np.asarray(ids, dtype=np.int64)] = True
+        # OpenAI's presence/frequency penalties count generated ids only (the prompt is not penalised).
+        self.counts = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = np.zeros((rows, vocab_size), dtype=np.int32)
 
     def __call__(self, logits: np.ndarray, row: int) -> int:
         p = self.params
@@ -126,6 +156,11 @@ class Sampler:
             with np.errstate(over="ignore", under="ignore"):
                 v = x[seen]
                 x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if self.counts is not None:
+            c = self.counts[row]
+            x = x.astype(np.float64)  # a copy either way: the caller's logits stay as they are
+            with np.errstate(over="ignore", invalid="ignore"):
+                x -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
         token = int(np.argmax(x))
         best = x[token]
         if np.isnan(best) or best == -np.inf:  # a NaN wins argmax: drop NaNs, then something finite must remain
@@ -138,6 +173,8 @@ class Sampler:
             token = self._sample(x, float(best), self.rngs[row])
         if self.seen is not None:
             self.seen[row, token] = True
+        if self.counts is not None:
+            self.counts[row, token] += 1
         return token
 
     def _sample(self, x: np.ndarray, best: float, rng: np.random.Generator) -> int:
@@ -156,3 +193,17 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             cand, probs = cand[:keep], probs[:keep] / probs[:keep].sum()
         return int(cand[rng.choice(cand.size, p=probs)])
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax of raw last-position logits [V] (the model's distribution, before penalties and temperature):
+    the logprob of `token` and the k most likely (id, logprob) pairs, most likely first."""
+    x = logits.astype(np.float64)
+    x = np.where(np.isnan(x), -np.inf, x)
+    top = float(x.max())
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        lse = top + np.log(np.exp(x - top).sum()) if np.isfinite(top) else top
+        lp = x - lse
+    best = np.argpartition(-lp, k - 1)[:k] if 0 < k < lp.size else np.arange(lp.size if k else 0)
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in best]

@@ -104,3 +104,11 @@ def demo(tmp_path_factory):
     from llama3_deploy.calibration.demo_tokenizer import build_demo_tokenizer
     out = tmp_path_factory.mktemp("demo") / "tokenizer"
     return out, build_demo_tokenizer(out)
+
+
+@pytest.fixture(scope="session")
+def served_export(tok_checkpoint, tmp_path_factory) -> Path:
+    """The demo-tokenizer model as the optimized flavor with in-graph argmax: what `serve` and the engine run."""
+    from llama3_deploy.export.pipeline import export_model
+    return export_model(str(tok_checkpoint), tmp_path_factory.mktemp("served") / "onnx", flavor="optimized",
+                        argmax=True, progress=False).output

@@ -18,7 +18,8 @@ def test_runtime_imports_no_torch():
 
 # A runtime-only install (no torch, onnx, ...): simulated by blocking the extras' modules in a fresh interpreter.
 _WITHOUT_EXTRAS = ("import sys\n"
-                   "for m in ('torch', 'onnx', 'onnx_ir', 'onnxscript', 'safetensors', 'transformers', 'matplotlib'):\n"
+                   "for m in ('torch', 'onnx', 'onnx_ir', 'onnxscript', 'safetensors', 'transformers', 'matplotlib',\n"
+                   "          'fastapi', 'uvicorn', 'prometheus_client'):\n"
                    "    sys.modules[m] = None\n"
                    "from llama3_deploy.cli import main\n")
 
@@ -38,7 +39,8 @@ def test_runtime_only_install_names_the_extra_in_one_line():
     listing = _without_extras(["--help"]).stdout
     assert "[needs the export extra]" in listing and "[needs the bench extra]" in listing
     flat = " ".join(listing.split())
-    assert flat.count("[needs the") == 4  # export, calibrate, bench, demo; generate/chat/tokens/inspect need nothing
+    # export, calibrate, bench, demo, build-engine, serve; generate/chat/tokens/inspect need nothing
+    assert flat.count("[needs the") == 6
 
 
 def test_generate_json(tiny_export, capsys):

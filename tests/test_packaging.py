@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("export", "runtime", "calibration", "benchmarks")
+STAGES = ("export", "runtime", "calibration", "benchmarks", "server")
 
 
 def _setuptools() -> dict:
@@ -18,7 +18,8 @@ def test_every_stage_package_is_mapped_under_the_root():
     st = _setuptools()
     on_disk = {"llama3_deploy"} | {
         "llama3_deploy." + ".".join(p.parent.relative_to(ROOT).parts)
-        for stage in STAGES for p in (ROOT / stage).rglob("__init__.py")}
+        for stage in STAGES for p in (ROOT / stage).rglob("__init__.py")
+        if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)}  # not benchmarks/.venv-*
     assert set(st["packages"]) == on_disk  # benchmarks.peers included; no top-level export/runtime/...
     for name in on_disk - {"llama3_deploy"}:
         assert st["package-dir"][name] == name.removeprefix("llama3_deploy.").replace(".", "/")
