@@ -23,6 +23,7 @@ from pathlib import Path
 DEFAULT_ENGINES = "ort,torch-eager,optimum,genai"
 DEFAULT_CELLS = "128x1,512x1,2048x1,128x4,128x8"
 GENAI_PYTHON = "benchmarks/.venv-genai/bin/python"
+LLAMACPP_PYTHON = "benchmarks/.venv-llamacpp/bin/python"
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -35,8 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                        "bfloat16 (portable graph) or opt-float32, opt-float16, "
                                                        "opt-int8, opt-int4 (optimized graph) "
                    "(default: --dtype)")
+    p.add_argument("--llamacpp-precisions", default="q8_0",
+                   help="llama.cpp GGUF builds, comma separated: f32, f16, bf16, q8_0, q4_0")
     p.add_argument("--engines", default=DEFAULT_ENGINES,
-                   help="comma separated: ort, torch-eager, torch-compile, optimum, genai")
+                   help="comma separated: ort, torch-eager, torch-compile, optimum, genai, llamacpp")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--cells", default=DEFAULT_CELLS, help="prompt length x batch, comma separated")
     p.add_argument("--new-tokens", type=int, default=32, help="forced greedy tokens per row")
@@ -48,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--name", default=None, help="file stem of the outputs (default: <device>-<model>-<dtype>)")
     p.add_argument("--genai-python", default=GENAI_PYTHON, help="Python of the onnxruntime-genai venv")
+    p.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON,
+                   help="Python of the llama.cpp venv (benchmarks/peers/setup_llamacpp.sh)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory for checkpoints without one (llama.cpp's converter needs it), "
+                        "e.g. ../shared/llama3/tokenizer")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of torch-compile")
     p.add_argument("--compile-max-cache-len", type=int, default=0,
                    help="torch-compile's static cache length (0: prompt + new tokens of each cell)")
@@ -55,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fresh engine processes per cell (memory per cell) or one per engine for the run")
     p.add_argument("--quick-floor", action="store_true", help="small floor measurements (tests)")
     p.add_argument("--prepare-only", action="store_true", help="build (or reuse) the artifacts, run nothing")
-    p.set_defaults(run=lambda a: 0 if bench(**{k: v for k, v in vars(a).items()
-                                               if k not in ("run", "command")}) else 1)
+    p.set_defaults(run=lambda a: 0 if bench(**{k: v for k, v in vars(a).items()  # not the CLI's own entries
+                                               if k not in ("run", "command") and not k.startswith("_")}) else 1)
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -98,11 +106,11 @@ def git_info() -> dict:
 
 def _build_key(kind: str, variant: str) -> str:
     """The `builds` entry of an engine: ours and genai have one build per variant/precision, the others one."""
-    return f"{kind}-{variant}" if kind in ("ort", "genai") else kind
+    return f"{kind}-{variant}" if kind in ("ort", "genai", "llamacpp") else kind
 
 
 def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, compile_backend, compile_max_cache_len,
-           genai_precisions):
+           genai_precisions, llamacpp_python=LLAMACPP_PYTHON, llamacpp_precisions=(), max_batch=8):
     from .harness import EngineSpec
     specs = []
     for kind in kinds:
@@ -117,6 +125,11 @@ def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, c
             specs += [EngineSpec("genai", builds[_build_key("genai", p)]["path"], device, p, threads,
                                  label=f"genai:{p}", python=python)
                       for p in genai_precisions if _build_key("genai", p) in builds]
+        elif kind == "llamacpp":
+            python = str(Path(llamacpp_python).absolute())
+            specs += [EngineSpec("llamacpp", builds[_build_key("llamacpp", p)]["path"], device, p, threads,
+                                 label=f"llamacpp:{p}", python=python, options={"max_batch": max_batch})
+                      for p in llamacpp_precisions if _build_key("llamacpp", p) in builds]
         elif kind in builds:
             opts = ({"backend": compile_backend, "max_cache_len": compile_max_cache_len}
                     if kind == "torch-compile" else {})
@@ -126,7 +139,8 @@ def _specs(kinds, builds, *, dtype, ort_dtypes, device, threads, genai_python, c
 
 
 def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes: list[str], device: str, seed: int,
-            genai_python: str, genai_precisions: list[str], log=print) -> tuple[dict, list[dict]]:
+            genai_python: str, genai_precisions: list[str], llamacpp_python: str = LLAMACPP_PYTHON,
+            llamacpp_precisions: list[str] = (), tokenizer: str | None = None, log=print) -> tuple[dict, list[dict]]:
     """Build (or reuse) every artifact; returns ({name: build info}, [{engine, reason} that cannot run])."""
     from .peers import artifacts as A
     work.mkdir(parents=True, exist_ok=True)
@@ -148,6 +162,11 @@ def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes:
         steps += [(_build_key("genai", p), f"onnxruntime-genai ({p})",
                    lambda p=p: A.genai(ckpt, work, dtype=p, python=genai_python, device=device))
                   for p in genai_precisions]
+    if "llamacpp" in kinds:
+        steps += [(_build_key("llamacpp", p), f"llama.cpp ({p})",
+                   lambda p=p: A.llamacpp(ckpt, work, precision=p, python=str(Path(llamacpp_python).absolute()),
+                                          tokenizer=tokenizer))
+                  for p in llamacpp_precisions]
     for name, engine, build in steps:
         try:
             builds[name] = build()
@@ -164,6 +183,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
           output_dir: str = "benchmarks/results", name: str | None = None, genai_python: str = GENAI_PYTHON,
           compile_backend: str = "inductor", compile_max_cache_len: int = 0, scope: str = "cell",
           quick_floor: bool = False, prepare_only: bool = False, genai_precisions: str | None = None,
+          llamacpp_precisions: str = "q8_0", llamacpp_python: str = LLAMACPP_PYTHON, tokenizer: str | None = None,
           log=print) -> dict:
     """Build the artifacts, measure the floor, run the matrix, measure the floor again, write the report."""
     from llama3_deploy.config import load_config
@@ -179,17 +199,22 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     kinds = [k.strip() for k in engines.split(",") if k.strip()]
     ort_list = [d.strip() for d in (ort_dtypes or dtype).split(",") if d.strip()]
     genai_list = [p.strip() for p in (genai_precisions or dtype).split(",") if p.strip()]
+    llamacpp_list = [p.strip() for p in llamacpp_precisions.split(",") if p.strip()]
     work = Path(work_dir).resolve()
     machine = machine_info(device)
     git = git_info()  # the tree as the run starts
     builds, skipped = prepare(model, work, kinds=kinds, dtype=dtype, ort_dtypes=ort_list, device=device, seed=seed,
-                              genai_python=genai_python, genai_precisions=genai_list, log=log)
+                              genai_python=genai_python, genai_precisions=genai_list,
+                              llamacpp_python=llamacpp_python, llamacpp_precisions=llamacpp_list, tokenizer=tokenizer,
+                              log=log)
     if prepare_only:
         return {"builds": builds, "skipped": skipped}
     config = load_config(Path(builds["checkpoint"]["path"]))
     specs = _specs(kinds, builds, dtype=dtype, ort_dtypes=ort_list, device=device, threads=threads,
                    genai_python=genai_python, compile_backend=compile_backend,
-                   compile_max_cache_len=compile_max_cache_len, genai_precisions=genai_list)
+                   compile_max_cache_len=compile_max_cache_len, genai_precisions=genai_list,
+                   llamacpp_python=llamacpp_python, llamacpp_precisions=llamacpp_list,
+                   max_batch=max(c.batch for c in H.parse_cells(cells)))
     floor_dtype = "float32" if not device.startswith("cuda") else dtype
     log("measuring the floor (bandwidth, matmul rate) ...")
     floor_start = F.measure_machine(device, dtype=floor_dtype, quick=quick_floor)
@@ -226,7 +251,9 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
                             "artifact_note": _artifact_note(s.kind, b),
                             **({"env_versions": A.venv_versions(s.python, ("onnxruntime-genai", "onnxruntime",
                                                                              "transformers", "torch"))}
-                               if s.kind == "genai" else {})})
+                               if s.kind == "genai" else {}),
+                            **({"env_versions": A.venv_versions(s.python, ("llama_cpp_python", "gguf", "torch"))}
+                               if s.kind == "llamacpp" else {})})
     versions = tool_versions()
     for pkg in ("optimum", "optimum-onnx", "matplotlib"):
         versions[pkg] = A.venv_versions(sys.executable, (pkg,)).get(pkg, "absent")

@@ -12,7 +12,7 @@ import importlib.metadata
 import time
 from pathlib import Path
 
-ENGINE_KINDS = ("ort", "torch-eager", "torch-compile", "optimum", "genai")
+ENGINE_KINDS = ("ort", "torch-eager", "torch-compile", "optimum", "genai", "llamacpp")
 
 
 @dataclasses.dataclass
@@ -310,6 +310,91 @@ class GenaiEngine:
         return Timing(ttft, steps, out_tokens)
 
 
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python's C API (its own virtual environment) on a GGUF converted from the
+    same checkpoint by llama.cpp's converter.
+
+    The high-level `Llama` object runs one sequence, so rows are llama.cpp sequences in one `llama_batch`, as
+    llama.cpp's own batched bench and server do: a context of `max_batch` sequences, each row's prompt in
+    n_batch-token batches with logits only at its last token, then one batch of B tokens per decode step.
+    TTFT covers clearing the cache, the prefill and the greedy pick; a step is one llama_decode plus B argmaxes
+    over the vocabulary.
+    """
+
+    kind = "llamacpp"
+
+    def __init__(self, gguf: str | Path, *, threads: int = 0, precision: str | None = None, max_batch: int = 8,
+                 max_context: int = 4096, n_batch: int = 512):
+        import os
+
+        import llama_cpp as lc
+        self.lc = lc
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = max_context * max_batch, n_batch, n_batch, max_batch
+        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count()
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(max(n_batch, max_batch), 0, max_batch)
+        self.n_batch, self.max_batch = n_batch, max_batch
+        self.dtype = precision
+        self.name = f"llama.cpp ({precision})" if precision else "llama.cpp"
+        self.version = f"llama-cpp-python {_version('llama_cpp_python')}"
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode of (token, pos, seq, wants_logits) entries -> the batch indices that have logits."""
+        b = self.batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, int(logits)
+            b.seq_id[i][0] = seq
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return [i for i, e in enumerate(entries) if e[3]]
+
+    def _argmax(self, index: int) -> int:
+        import numpy as np
+        return int(np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, index), shape=(self.vocab,)).argmax())
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        _same_length(prompts)
+        B, S = len(prompts), len(prompts[0])
+        if B > self.max_batch:
+            raise ValueError(f"batch {B} exceeds this context's {self.max_batch} sequences")
+        out_tokens: list[list[int]] = [[] for _ in prompts]
+        steps = []
+        t0 = time.perf_counter()
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        entries = [(tok, pos, r, pos == S - 1) for r, ids in enumerate(prompts) for pos, tok in enumerate(ids)]
+        last = {}
+        for lo in range(0, len(entries), self.n_batch):
+            part = entries[lo:lo + self.n_batch]
+            for i in self._decode(part):
+                last[part[i][2]] = i  # each row's last prompt token: its logits index within this batch
+            if len(last) < B and lo + self.n_batch < len(entries):
+                # llama_get_logits_ith indexes the latest batch: read finished rows before the next one
+                for r, i in list(last.items()):
+                    if not out_tokens[r]:
+                        out_tokens[r].append(self._argmax(i))
+        for r, i in last.items():
+            if not out_tokens[r]:
+                out_tokens[r].append(self._argmax(i))
+        ttft = (time.perf_counter() - t0) * 1e3
+        for k in range(1, new_tokens):
+            t1 = time.perf_counter()
+            idx = self._decode([(out_tokens[r][-1], S + k - 1, r, True) for r in range(B)])
+            for r, i in enumerate(idx):
+                out_tokens[r].append(self._argmax(i))
+            steps.append((time.perf_counter() - t1) * 1e3)
+        return Timing(ttft, steps, out_tokens)
+
+
 def make_engine(spec: dict):
     """Build an engine from a spec: {"kind", "path", "device", "dtype", "threads", "options"}."""
     kind, path = spec["kind"], spec["path"]
@@ -329,4 +414,6 @@ def make_engine(spec: dict):
         return OptimumEngine(path, device=device, threads=threads)
     if kind == "genai":
         return GenaiEngine(path, device=device, threads=threads, precision=spec.get("dtype"))
+    if kind == "llamacpp":
+        return LlamaCppEngine(path, threads=threads, precision=spec.get("dtype"), **opts)
     raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(ENGINE_KINDS)}")

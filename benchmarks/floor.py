@@ -32,6 +32,9 @@ def linear_params(config: LlamaConfig) -> int:
 
 
 QUANT_BLOCK = 32  # the benchmarked weight-only exports: symmetric blocks of 32 with one fp32 scale each
+# llama.cpp's GGUF types: blocks of 32 weights with one fp16 scale (q8_0: 34 bytes, q4_0: 18), and its floats.
+GGUF_BYTES = {"q8_0": 34 / 32, "q4_0": 18 / 32, "f16": 2.0, "bf16": 2.0, "f32": 4.0}
+GGUF_ACTIVATIONS = "float32"  # llama.cpp's CPU backend keeps activations and (by default) an f16 KV cache
 
 
 def bytes_per_weight(dtype: str) -> float:
@@ -39,13 +42,15 @@ def bytes_per_weight(dtype: str) -> float:
     share of the block's fp32 scale."""
     if dtype in ("int8", "int4"):
         return int(dtype[3:]) / 8 + 4 / QUANT_BLOCK
+    if dtype in GGUF_BYTES:
+        return GGUF_BYTES[dtype]
     return itemsize(dtype)
 
 
 def activation_dtype(dtype: str) -> str:
     """The dtype of activations and the KV cache: weight-only quantized graphs on CPU compute in fp32 (on CUDA
     they use fp16 KV; at 8B and these contexts the KV share of a step is under 1%, so the floor barely moves)."""
-    return "float32" if dtype in ("int8", "int4") else dtype
+    return "float32" if dtype in ("int8", "int4") or dtype in GGUF_BYTES else dtype
 
 
 def weight_bytes_read(config: LlamaConfig, dtype: str, batch: int) -> int:

@@ -323,8 +323,15 @@ def atomic_directory(out_dir: PathLike, *, overwrite: bool = False,
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it into place (readable by all, like any output file:
+    mkstemp's own mode is 0600); the temporary file is removed on any failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -311,14 +311,20 @@ class Engine:
         rows = [a for a in self._rows if a is not None and a.decoding]
         if not rows:
             return
-        tokens = np.zeros(self.slots, np.int64)
+        # Rows 0..n-1 run: every slot when a captured CUDA graph replays the step (fixed shapes), else the slots up
+        # to the last decoding one (new requests take the lowest free slot), so a lone request costs one row.
+        n = self.slots if self.session.cuda_graph else max(a.slot for a in rows) + 1
+        tokens = np.zeros(n, np.int64)
         for a in rows:
             tokens[a.slot] = a.next_token
-        keep = {a.slot: int(self.cache.lengths[a.slot]) for a in self._rows if a is not None and not a.decoding}
-        need_logits = not self.session.argmax or any(not a.handle.params.plain_greedy for a in rows)
-        greedy = self.cache.decode(tokens, ids_only=True) if self.session.argmax else None
-        logits = self.cache.output() if need_logits else None
-        for slot in range(self.slots):  # the dummy entries of idle and still-prefilling slots are forgotten
+        keep = {a.slot: int(self.cache.lengths[a.slot]) for a in self._rows
+                if a is not None and not a.decoding and a.slot < n}
+        if self.session.argmax:  # the graph's greedy ids; logits read back only for rows that sample
+            greedy = self.cache.decode(tokens, ids_only=True)
+            logits = self.cache.output() if any(not a.handle.params.plain_greedy for a in rows) else None
+        else:
+            greedy, logits = None, self.cache.decode(tokens)
+        for slot in range(n):  # the dummy entries of idle and still-prefilling slots among them are forgotten
             if self._rows[slot] is None:
                 self.cache.reset_row(slot)
             elif slot in keep:

@@ -77,11 +77,11 @@ class KVCache:
     def reset(self) -> None:
         raise NotImplementedError
 
-    def bind(self, new_tokens: int, row: int | None = None) -> None:
-        """Bind keys/values (and mask, positions) for `new_tokens` more tokens in every row or in `row`."""
+    def bind(self, new_tokens: int, rows: slice) -> None:
+        """Bind keys/values (and mask, positions) for `new_tokens` more tokens in the rows `rows`."""
         raise NotImplementedError
 
-    def advance(self, new_tokens: int, row: int | None = None) -> None:
+    def advance(self, new_tokens: int, rows: slice) -> None:
         raise NotImplementedError
 
     def prefill(self, rows: list[list[int]], *, ids_only: bool = False) -> np.ndarray:
@@ -89,19 +89,20 @@ class KVCache:
 
     # --- steps ---------------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, row: int | None = None, *, decode: bool = False) -> None:
-        """One graph run on `ids` [n, S]: every row (row None) or one row's slot. Only `decode` runs get the
-        CUDA graph id: their shapes and addresses never change, so they can be captured and replayed."""
+        """One graph run on `ids` [n, S]: rows 0..n-1 (row None) or one row's slot. Only `decode` runs of every row
+        get the CUDA graph id: their shapes and addresses never change, so they can be captured and replayed."""
         n, S = ids.shape
+        rows = slice(0, n) if row is None else slice(row, row + 1)
         L = S if self.all_logits else 1
         self.ids_host[:n * S] = ids.reshape(-1)
         self.ids.upload(self.ids_host)
         self.ids.bind_input(self.binding, contract.INPUT_IDS, (n, S))
-        self.bind(S, row)
+        self.bind(S, rows)
         self.logits.bind_output(self.binding, contract.LOGITS, (n, L, self.vocab))
         if self.next_token is not None:
             self.next_token.bind_output(self.binding, contract.NEXT_TOKEN, (n, L))
-        self.session.run(self.binding, graph_id=self.graph_id if decode else None)
-        self.advance(S, row)
+        self.session.run(self.binding, graph_id=self.graph_id if decode and n == self.batch else None)
+        self.advance(S, rows)
         self._ran = (n, L)
 
     def output(self, *, ids_only: bool = False, full: bool = False) -> np.ndarray:
@@ -115,8 +116,10 @@ class KVCache:
         return logits if full else logits[:, -1]
 
     def decode(self, tokens: np.ndarray, *, ids_only: bool = False) -> np.ndarray:
-        """decode_one_token: `tokens` [B], one per row -> logits [B, V] (ids [B])."""
-        self.forward(np.asarray(tokens, np.int64).reshape(self.batch, 1), decode=True)
+        """decode_one_token: `tokens` [n], one per row of rows 0..n-1 (n = B normally; a server decodes only the
+        slots up to its last busy one) -> logits [n, V] (ids [n])."""
+        tokens = np.asarray(tokens, np.int64)
+        self.forward(tokens.reshape(tokens.size, 1), decode=True)
         return self.output(ids_only=ids_only)
 
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
@@ -176,8 +179,8 @@ class PingPongKV(KVCache):
             self.forward(prompt[:, lo:lo + self.chunk])
         return self.output(ids_only=ids_only)
 
-    def bind(self, new_tokens: int, row: int | None = None) -> None:
-        if row is not None:
+    def bind(self, new_tokens: int, rows: slice) -> None:
+        if (rows.start, rows.stop) != (0, self.batch):
             raise DeployError("the portable graph's rows share one length; per-row prefill needs an optimized export")
         B, S, total = self.batch, new_tokens, self.length + new_tokens
         if total > self.capacity:
@@ -200,7 +203,7 @@ class PingPongKV(KVCache):
             src.bind_input(self.binding, p_name, past)
             dst.bind_output(self.binding, o_name, present)
 
-    def advance(self, new_tokens: int, row: int | None = None) -> None:
+    def advance(self, new_tokens: int, rows: slice) -> None:
         self.length += new_tokens
         self.parity ^= 1
 
@@ -260,8 +263,7 @@ class SharedKV(KVCache):
             self.forward(prompt[:, lo:lo + self.chunk], row=row)
         return self.output(ids_only=ids_only)[0]
 
-    def bind(self, new_tokens: int, row: int | None = None) -> None:
-        rows = slice(0, self.batch) if row is None else slice(row, row + 1)
+    def bind(self, new_tokens: int, rows: slice) -> None:
         lengths = self.lengths[rows]
         if int(lengths.max()) + new_tokens > self.capacity:
             raise DeployError(f"KV cache capacity {self.capacity} exceeded")
@@ -286,11 +288,8 @@ class SharedKV(KVCache):
             buf.bind_input(self.binding, p_name, shape, rows.start * self.row_numel)
             buf.bind_output(self.binding, o_name, shape, rows.start * self.row_numel)  # same memory: in place
 
-    def advance(self, new_tokens: int, row: int | None = None) -> None:
-        if row is None:
-            self.lengths += new_tokens
-        else:
-            self.lengths[row] += new_tokens
+    def advance(self, new_tokens: int, rows: slice) -> None:
+        self.lengths[rows] += new_tokens
 
     def tensors(self) -> list[np.ndarray]:
         """The cached keys/values [B, K, M, D] on the host, one per past/present pair (what validation checks)."""

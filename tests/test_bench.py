@@ -14,6 +14,7 @@ from llama3_deploy.config import preset
 from .conftest import tiny_config
 
 GENAI_PYTHON = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-genai" / "bin" / "python"
+LLAMACPP_PYTHON = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-llamacpp" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +157,13 @@ def test_genai_peer_from_its_venv(tiny_checkpoint, work, tmp_path):
     assert doc["versions"]["genai_venv"]["onnxruntime-genai"]
 
 
-def test_cli_registers_bench():
-    from llama3_deploy.cli import build_parser
+def test_cli_registers_bench(tiny_checkpoint, work):
+    from llama3_deploy.cli import build_parser, main
     args = build_parser().parse_args(["bench", "--cells", "8x1", "--engines", "ort"])
     assert args.cells == "8x1" and callable(args.run)
+    # The whole command line reaches bench() (the CLI's own entries, e.g. _command, are not passed on).
+    assert main(["bench", "--model", str(tiny_checkpoint), "--engines", "torch-eager", "--prepare-only",
+                 "--work-dir", str(work)]) == 0
 
 
 def test_quantized_floor_reads_fewer_bytes():
@@ -167,3 +171,34 @@ def test_quantized_floor_reads_fewer_bytes():
     b = {d: F.decode_bytes(cfg, d, 1, 128)["weights"] for d in ("float32", "int8", "int4")}
     assert b["int4"] < b["int8"] < b["float32"] / 3
     assert F.decode_bytes(cfg, "int4", 1, 128)["kv_read"] == F.decode_bytes(cfg, "float32", 1, 128)["kv_read"]
+
+
+def test_gguf_floor_and_a_missing_llamacpp_venv(tmp_path):
+    cfg = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=2048)
+    b = {d: F.decode_bytes(cfg, d, 1, 128)["weights"] for d in ("q4_0", "q8_0", "int8", "f16")}
+    assert b["q4_0"] < b["q8_0"] < b["int8"] < b["f16"]  # q8_0's fp16 scales cost less than int8's fp32 ones
+    from llama3_deploy.benchmarks.peers import artifacts as A
+    with pytest.raises(A.BuildError, match="setup_llamacpp.sh"):
+        A.llamacpp(str(tmp_path), tmp_path, precision="q8_0", python=str(tmp_path / "nope" / "python"))
+    with pytest.raises(A.BuildError, match="unknown GGUF precision"):
+        A.llamacpp(str(tmp_path), tmp_path, precision="q5_k", python=str(tmp_path / "nope" / "python"))
+
+
+@pytest.mark.skipif(not LLAMACPP_PYTHON.is_file(), reason="no llama.cpp venv (bash benchmarks/peers/setup_llamacpp.sh)")
+def test_llamacpp_peer_from_its_venv(shared_dir, tmp_path):
+    """A Llama 3-vocabulary tiny model (llama.cpp's converter recognises the real tokenizer), converted to an f32
+    GGUF with llama.cpp's own converter, batch 1 and 2 through its C API beside ours."""
+    from llama3_deploy.benchmarks.cli import bench
+
+    from .conftest import write_random_checkpoint
+    cfg = tiny_config(vocab_size=128256, bos_token_id=128000, eos_token_ids=(128001, 128009))
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", cfg, seed=2)
+    doc = bench(model=str(ckpt), engines="ort,llamacpp", llamacpp_precisions="f32", cells="8x1,8x2", new_tokens=4,
+                reps=1, warmup=0, work_dir=str(tmp_path / "work"), output_dir=str(tmp_path / "out"), name="l",
+                llamacpp_python=str(LLAMACPP_PYTHON), tokenizer=str(shared_dir / "tokenizer"), quick_floor=True,
+                log=lambda *_: None)
+    assert not doc["errors"] and not doc["skipped"], (doc["errors"], doc["skipped"])
+    assert all(e["artifact"] for e in doc["engines"]) and doc["engines"][1]["env_versions"]["llama_cpp_python"]
+    lc = [r for r in doc["results"] if r["kind"] == "llamacpp"]
+    assert {(r["prompt_len"], r["batch"]) for r in lc} == {(8, 1), (8, 2)} and all(r["dtype"] == "f32" for r in lc)
+    assert all(r["ttft_ms"] > 0 and r["floor"] for r in lc)

@@ -57,6 +57,20 @@ def test_concurrent_requests_equal_running_each_alone(engine, alone):
     assert s.max_rows_in_a_step >= 3 and s.running == 0 and s.waiting == 0 and s.alive
 
 
+def test_an_export_without_argmax_and_a_lone_request_on_many_slots(tok_checkpoint, tmp_path):
+    """Logits-only exports decode through the same step; a lone request in slot 0 of 8 decodes one row."""
+    from llama3_deploy.export.pipeline import export_model
+    out = export_model(str(tok_checkpoint), tmp_path / "opt", flavor="optimized", progress=False).output
+    e = Engine(out, slots=8, prefill_chunk=8).start()
+    try:
+        p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        tokens, _, _ = e.generate(PROMPTS[1], p)
+        assert tokens == Generator(out).generate(PROMPTS[1], p).generated_ids
+        assert e.stats().max_rows_in_a_step == 1 and e.cache._ran[0] == 1  # the last step ran one row, not 8
+    finally:
+        e.shutdown(drain_timeout_s=0)
+
+
 def test_stop_ids_stop_strings_and_logprobs(engine, alone):
     ids = PROMPTS[1]
     free = alone.generate(ids, max_new_tokens=8, ignore_eos=True).generated_ids

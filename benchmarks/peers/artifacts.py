@@ -3,6 +3,11 @@
 - the checkpoint: Hugging Face safetensors with seeded random weights (`random:PRESET`), or a given dir;
 - this project: `llama3-deploy export` (validated ONNX decoder), one per precision;
 - Optimum: `optimum-cli export onnx --task text-generation-with-past` (main environment);
+- llama.cpp: llama.cpp's own converter (`convert_hf_to_gguf.py`, from the llama-cpp-python source distribution
+  benchmarks/peers/setup_llamacpp.sh unpacks) to a GGUF at f32/f16/bf16/q8_0, and q4_0 by llama.cpp's own
+  quantizer (`llama_model_quantize` through llama-cpp-python) from the f16 GGUF. The converter needs the
+  checkpoint's tokenizer (it recognises Llama 3's pre-tokenizer by hash), so random checkpoints get the real
+  Llama 3 tokenizer files from a directory the caller names;
 - onnxruntime-genai: its model builder, `python -m onnxruntime_genai.models.builder`, run by the Python
   of its own virtual environment (benchmarks/peers/setup_genai.sh). The builder insists on a tokenizer,
   which random checkpoints lack, so it reads a directory of links to the checkpoint plus a minimal
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -154,6 +160,60 @@ def genai(ckpt: str, work: Path, *, dtype: str, python: str, device: str = "cpu"
     cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
            "-e", "cuda" if device.startswith("cuda") else "cpu", "-c", str(work / "genai-cache")]
     return _run(cmd, out, what="onnxruntime-genai model builder", log=work / f"{out.name}.log")
+
+
+GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_QUANTIZE = """import sys, llama_cpp as lc
+p = lc.llama_model_quantize_default_params()
+p.ftype = lc.LLAMA_FTYPE_MOSTLY_Q4_0
+p.nthread = 0
+sys.exit(lc.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+def _gguf_input(ckpt: Path, dest: Path, tokenizer: Path | None) -> Path:
+    """Links to the checkpoint's files, plus the tokenizer files it lacks from `tokenizer`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            os.symlink(f.resolve(), dest / f.name)
+    if not (dest / "tokenizer.json").exists():
+        if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
+            raise BuildError(f"llama.cpp's converter needs the checkpoint's tokenizer; {ckpt} has none: pass "
+                             "--tokenizer DIR (e.g. ../shared/llama3/tokenizer)")
+        for name in GGUF_TOKENIZER_FILES:
+            if (tokenizer / name).is_file() and not (dest / name).exists():
+                os.symlink((tokenizer / name).resolve(), dest / name)
+    return dest
+
+
+def llamacpp(ckpt: str, work: Path, *, precision: str, python: str, tokenizer: str | Path | None = None) -> dict:
+    """A GGUF of the checkpoint at `precision` (GGUF_PRECISIONS), made with llama.cpp's own tools in their venv;
+    the returned path is the .gguf file."""
+    if precision not in GGUF_PRECISIONS:
+        raise BuildError(f"unknown GGUF precision {precision!r}; known: {', '.join(GGUF_PRECISIONS)}")
+    converter = Path(python).parent.parent / "src" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not Path(python).is_file() or not converter.is_file():
+        raise BuildError(f"llama.cpp environment not found ({python}, {converter}); create it with "
+                         "`bash benchmarks/peers/setup_llamacpp.sh`")
+    out = work / f"gguf-{precision}"
+    info = _cached(out)
+    if info is None:
+        gguf = out / "model.gguf"
+        if precision == "q4_0":  # llama.cpp quantizes q4_0 from an f16 GGUF, as its users do with llama-quantize
+            f16 = llamacpp(ckpt, work, precision="f16", python=python, tokenizer=tokenizer)["path"]
+            script = f"mkdir -p {shlex.quote(str(out))} && exec {shlex.quote(python)} -c {shlex.quote(_QUANTIZE)} " \
+                     f"{shlex.quote(f16)} {shlex.quote(str(gguf))}"
+        else:
+            src = _gguf_input(Path(ckpt), work / "gguf-input", Path(tokenizer) if tokenizer else None)
+            script = (f"mkdir -p {shlex.quote(str(out))} && exec {shlex.quote(python)} {shlex.quote(str(converter))} "
+                      f"{shlex.quote(str(src))} --outtype {precision} --outfile {shlex.quote(str(gguf))}")
+        info = _run(["bash", "-c", script], out, what=f"llama.cpp GGUF ({precision})",
+                    log=work / f"{out.name}.log")
+    return {**info, "path": str(out / "model.gguf")}
 
 
 def venv_versions(python: str, packages: tuple[str, ...]) -> dict:
