@@ -134,15 +134,16 @@ def test_shared_buffers_are_reused_in_place(opt_last, monkeypatch):
     bound = []
     real_bind = type(cache).bind
 
-    def spy(kv, new_tokens, row=None):
-        real_bind(kv, new_tokens, row)
-        bound.append(row)
+    def spy(kv, new_tokens, rows):
+        real_bind(kv, new_tokens, rows)
+        bound.append((rows.start, rows.stop))
 
     monkeypatch.setattr(type(cache), "bind", spy)
     gen.generate(PROMPTS[::-1], max_new_tokens=6, ignore_eos=True)  # same batch size, another generation
     assert allocations == [] and gen._cache is cache
     assert [b.ptr for b in cache.buffers] == pointers
-    assert bound.count(None) == 5 and sorted(r for r in bound if r is not None) == [0, 1, 2]  # 5 decode steps
+    # 5 decode steps over all 3 rows, and each prompt prefilled into its own row
+    assert bound.count((0, 3)) == 5 and sorted(a for a, b in bound if b - a == 1) == [0, 1, 2]
     assert list(cache.lengths) == [len(p) + 5 for p in PROMPTS[::-1]]
 
 

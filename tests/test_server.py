@@ -30,7 +30,9 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fake(tok_dir):
-    engine = FakeEngine(tok_dir, slots=4, max_waiting=8).start()
+    # Room for the 16 concurrent clients of test_concurrent_streams_fake even when none finishes before the last
+    # arrives (a loaded machine): 4 slots + 16 waiting. Overload has its own engine (test_overload_...).
+    engine = FakeEngine(tok_dir, slots=4, max_waiting=16).start()
     yield engine
     engine.shutdown(drain_timeout_s=0)
 
