@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from llama3_deploy import contract, engine as eng
 from llama3_deploy.config import human_bytes, read_json
 from llama3_deploy.errors import DeployError
-from llama3_deploy.fsutil import atomic_directory, check_output_dir, contained_file
+from llama3_deploy.fsutil import atomic_directory, atomic_write_bytes, check_output_dir, contained_file
 from llama3_deploy.manifest import MANIFEST_FILE, load_manifest
 
 DEFAULT_MAX_CONTEXT = 4096   # capped at the model's context; activation memory grows with it
@@ -134,18 +132,6 @@ def _read_timing_cache(path: Path | None) -> bytes:
     return path.read_bytes()
 
 
-def _write_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_qdq_ready(model_path: Path) -> None:
     try:
         from llama3_deploy.calibration.trt_check import require_tensorrt_ready
@@ -232,7 +218,8 @@ def build_engine(model_dir: str | Path, output: str | Path, *, max_batch: int = 
         serialized, cache_out = _build(trt, model_path, profiles, workspace, cache_data)
         build_s = time.perf_counter() - t1
         if cache_path is not None:
-            _write_atomically(cache_path, cache_out)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache_path, cache_out)
         engine_path = tmp / eng.ENGINE_FILE
         with open(engine_path, "wb") as f:
             f.write(memoryview(serialized))

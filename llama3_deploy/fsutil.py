@@ -323,13 +323,17 @@ def atomic_directory(out_dir: PathLike, *, overwrite: bool = False,
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it into place (readable by all, like any output file:
-    mkstemp's own mode is 0600); the temporary file is removed on any failure."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: PathLike, data) -> None:
+    """Write `data` (bytes or any buffer) to a temporary sibling and rename it into place (readable by all, like
+    any output file: mkstemp's own mode is 0600); the temporary file is removed on any failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

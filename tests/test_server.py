@@ -316,18 +316,27 @@ def test_api_key_cannot_be_bypassed(tok_dir):
 
 def test_disconnects_free_slots(server, fake):
     """100 clients that hang up mid-stream leave no slot held and no growing memory."""
-    body = {"model": "tiny", "messages": MSGS, "max_tokens": 200, "stream": True}
     before = _rss()
+    _hang_up(server.url + "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 200,
+                                                   "stream": True}, times=100)
+    _wait_idle(fake)
+    assert _rss() - before < 50 << 20
+
+
+def _hang_up(url: str, body: dict, *, times: int) -> None:
+    """Start a stream and close the connection after its first line, `times` times."""
     with httpx.Client(timeout=30) as c:
-        for _ in range(100):
-            with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for _ in range(times):
+            with c.stream("POST", url, json=body) as r:
                 next(r.iter_lines())
             # leaving the block closes this connection mid-stream
-    deadline = time.monotonic() + 10
-    while fake.stats().running or fake.stats().waiting:
-        assert time.monotonic() < deadline, fake.stats()
+
+
+def _wait_idle(engine, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.stats().running or engine.stats().waiting:
+        assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
-    assert _rss() - before < 50 << 20
 
 
 def test_concurrent_streams_fake(server, fake):
@@ -405,15 +414,9 @@ def test_real_engine_concurrent_streams(real, served_export):
 
 def test_real_engine_disconnects_free_slots(real):
     server, engine = real
-    body = {"model": "tiny", "prompt": [5, 9, 33], "max_tokens": 200, "stream": True}
-    with httpx.Client(timeout=30) as c:
-        for _ in range(20):
-            with c.stream("POST", server.url + "/v1/completions", json=body) as r:
-                next(r.iter_lines())
-    deadline = time.monotonic() + 10
-    while engine.stats().running or engine.stats().waiting:
-        assert time.monotonic() < deadline, engine.stats()
-        time.sleep(0.01)
+    _hang_up(server.url + "/v1/completions", {"model": "tiny", "prompt": [5, 9, 33], "max_tokens": 200,
+                                              "stream": True}, times=20)
+    _wait_idle(engine)
     assert engine.stats().alive
 
 

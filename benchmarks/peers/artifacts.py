@@ -117,14 +117,20 @@ def optimum(ckpt: str, work: Path, *, dtype: str, device: str = "cpu") -> dict:
     return _cached(out) or _run(cmd + [str(out)], out, what="optimum-cli export onnx", log=work / f"{out.name}.log")
 
 
-def _genai_input(ckpt: Path, dest: Path) -> Path:
-    """Links to the checkpoint's files plus a minimal tokenizer the genai builder can load."""
+def _link_checkpoint(ckpt: Path, dest: Path) -> Path:
+    """A fresh directory of links to the checkpoint's files, for a tool that wants files added beside them."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for f in ckpt.iterdir():
         if f.is_file() and not f.name.startswith("."):
             os.symlink(f.resolve(), dest / f.name)
+    return dest
+
+
+def _genai_input(ckpt: Path, dest: Path) -> Path:
+    """Links to the checkpoint's files plus a minimal tokenizer the genai builder can load."""
+    _link_checkpoint(ckpt, dest)
     cfg = json.loads((ckpt / "config.json").read_text())
     eos = cfg.get("eos_token_id")
     eos = eos[-1] if isinstance(eos, list) else eos
@@ -174,12 +180,7 @@ sys.exit(lc.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
 
 def _gguf_input(ckpt: Path, dest: Path, tokenizer: Path | None) -> Path:
     """Links to the checkpoint's files, plus the tokenizer files it lacks from `tokenizer`."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for f in ckpt.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            os.symlink(f.resolve(), dest / f.name)
+    _link_checkpoint(ckpt, dest)
     if not (dest / "tokenizer.json").exists():
         if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
             raise BuildError(f"llama.cpp's converter needs the checkpoint's tokenizer; {ckpt} has none: pass "
