@@ -98,6 +98,11 @@ class DecoderIO:
         return [s.name for s in self.outputs if s.name not in HEAD_OUTPUTS]
 
     @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype: the weights' dtype, or int8 / float8e4m3fn for a calibrated quantized cache."""
+        return next(s.dtype for s in self.inputs if s.name == past_key(0))
+
+    @property
     def has_next_token(self) -> bool:
         return any(s.name == NEXT_TOKEN for s in self.outputs)
 

@@ -114,8 +114,7 @@ class DecoderSession:
         self.model_path = Path(model_path)
         self.model_dir = self.model_path.parent
         self.config, self.dtype, self.io = config, dtype, io
-        # The KV cache's dtype: the weights' dtype, or int8 / float8 for a calibrated quantized cache.
-        self.kv_dtype = next((s.dtype for s in io.inputs if s.name == contract.past_key(0)), dtype)
+        self.kv_dtype = io.kv_dtype
         self.flavor, self.logits, self.argmax = flavor, logits, argmax
         self.manifest = manifest
         self.device = Device.parse(device)

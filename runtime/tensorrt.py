@@ -107,7 +107,7 @@ class TensorRTSession:
         m = load_manifest(self.model_dir)  # the export's manifest, copied beside the engine and checked equal
         self.manifest, self.config, self.dtype, self.io = m, m.config, m.dtype, m.io
         self.flavor, self.logits, self.argmax = m.flavor, m.logits, m.argmax
-        self.kv_dtype = next((s.dtype for s in m.io.inputs if s.name in m.io.past_names), m.dtype)
+        self.kv_dtype = m.io.kv_dtype
         limits = self.engine_manifest.limits
         self.max_batch, self.max_context, self.prefill_chunk = (limits.max_batch, limits.max_context,
                                                                 limits.prefill_chunk)
