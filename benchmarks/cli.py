@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="cell", choices=["cell", "run"],
                    help="fresh engine processes per cell (memory per cell) or one per engine for the run")
     p.add_argument("--quick-floor", action="store_true", help="small floor measurements (tests)")
-    p.add_argument("--prepare-only", action="store_true", help="build (or reuse) the artifacts, run nothing")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build (or reuse) the artifacts, run nothing; with --name, write <name>.json/.md: each "
+                        "build's command, time and peak memory, or how it failed (out of memory included)")
     p.set_defaults(run=lambda a: 0 if bench(**{k: v for k, v in vars(a).items()  # not the CLI's own entries
                                                if k not in ("run", "command") and not k.startswith("_")}) else 1)
 
@@ -172,7 +174,7 @@ def prepare(model: str, work: Path, *, kinds: list[str], dtype: str, ort_dtypes:
             builds[name] = build()
             log(f"{name}: {builds[name]['path']} ({'cached' if builds[name]['cached'] else builds[name]['seconds']} s)")
         except A.BuildError as e:
-            skipped.append({"engine": engine, "reason": str(e)})
+            skipped.append({"engine": engine, "reason": str(e), **({"memory": e.memory} if e.memory else {})})
             log(f"{name}: cannot build: {str(e).splitlines()[0]}")
     return builds, skipped
 
@@ -208,6 +210,17 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
                               llamacpp_python=llamacpp_python, llamacpp_precisions=llamacpp_list, tokenizer=tokenizer,
                               log=log)
     if prepare_only:
+        if name:  # the builds are the result: each tool's command, time, peak memory, or how it failed
+            from .report import write_builds_report
+            write_builds_report({"schema": "llama3-deploy/bench-builds", "model": model, "dtype": dtype,
+                                 "weights": ("seeded random (not trained)" if model.startswith("random:")
+                                             else "as given"),
+                                 "command": _command_line(), "started": started.isoformat(timespec="seconds"),
+                                 "wall_s": round(time.perf_counter() - t_start, 1), "git": git, "machine": machine,
+                                 "versions": {**tool_versions(), **({"genai_venv": A.venv_versions(
+                                     genai_python, ("onnxruntime-genai", "onnxruntime", "torch", "transformers"))}
+                                     if "genai" in kinds else {})},
+                                 "builds": builds, "skipped": skipped}, output_dir, name)
         return {"builds": builds, "skipped": skipped}
     config = load_config(Path(builds["checkpoint"]["path"]))
     specs = _specs(kinds, builds, dtype=dtype, ort_dtypes=ort_list, device=device, threads=threads,

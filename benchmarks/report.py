@@ -90,6 +90,13 @@ def markdown(doc: dict) -> str:
         lines.append(f"- **{e.get('engine', e['key'])}**: {e.get('version') or 'did not run (below)'}"
                      + (f" (own virtual environment: {', '.join(f'{k} {v}' for k, v in env.items())})" if env else "")
                      + (f"; artifact: {e['artifact_note']}" if e.get("artifact_note") else ""))
+    built = [(k, b) for k, b in doc.get("builds", {}).items() if b.get("memory")]
+    if built:
+        lines += ["", "Builds (each tool's own command; peak RSS is the kernel's high-water mark, anonymous memory "
+                  "the largest sample over the process tree):", ""]
+        lines += [f"- {k}: {b['seconds']} s, peak RSS {b['memory']['peak_rss_gib']} GiB, anonymous "
+                  f"{b['memory']['peak_anon_gib']} GiB{' (cached from an earlier run)' if b.get('cached') else ''}"
+                  for k, b in built]
     if doc.get("skipped") or doc.get("errors"):
         lines += ["", "Did not run:", ""]
         for s in doc.get("skipped", []):
@@ -194,6 +201,38 @@ def write_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
     json_path.write_text(json.dumps(doc, indent=1))
     md_path.write_text(markdown(doc))
     return {"json": json_path, "markdown": md_path, **{p.stem: p for p in pngs}}
+
+
+def builds_markdown(doc: dict) -> str:
+    """The builds of a --prepare-only run: what each tool made, in what time and memory, or why it did not."""
+    m = doc["machine"]
+    lines = [f"# Builds: {doc['model']} ({doc['dtype']}), weights {doc['weights']}", "",
+             f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus', '?')} CPUs, {m.get('mem_total_gib', '?')} GiB; "
+             f"started {doc['started']}, {doc['wall_s']} s in all.", "", f"Command: `{doc['command']}`", "",
+             "Peak RSS: the kernel's high-water mark of the build process (its waited-for children included); "
+             "anonymous: the largest sample of the process tree's anonymous memory (what the machine must hold; "
+             "mmapped checkpoint pages can be dropped). A build is stopped when the machine has under 1 GiB left.",
+             "", "| build | result | time s | peak RSS GiB | anonymous GiB | command |", "|---|---|---:|---:|---:|---|"]
+    for k, b in doc["builds"].items():
+        mem = b.get("memory") or {}
+        lines.append(f"| {k} | finished{' (cached)' if b.get('cached') else ''} | {b.get('seconds')} | "
+                     f"{mem.get('peak_rss_gib', '-')} | {mem.get('peak_anon_gib', '-')} | "
+                     f"`{b.get('command') or '-'}` |")
+    for s in doc["skipped"]:
+        mem = s.get("memory") or {}
+        lines.append(f"| {s['engine']} | **did not finish**: {s['reason'].splitlines()[0]} | "
+                     f"{mem.get('seconds', '-')} | {mem.get('peak_rss_gib', '-')} | "
+                     f"{mem.get('peak_anon_gib', '-')} | |")
+    return "\n".join(lines + [""])
+
+
+def write_builds_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(doc, indent=1))
+    md_path.write_text(builds_markdown(doc))
+    return {"json": json_path, "markdown": md_path}
 
 
 def print_table(doc: dict, file=None) -> None:

@@ -1,13 +1,17 @@
-"""Serving load benchmark (not a test): throughput and TTFT/ITL percentiles vs concurrency, this project's
-`llama3-deploy serve` against llama.cpp's OpenAI-compatible server as its users install it
+"""Serving load benchmark (not a test): throughput and TTFT/ITL percentiles vs concurrency of this project's
+`llama3-deploy serve`, alone or against llama.cpp's OpenAI-compatible server as its users install it
 (`llama-cpp-python[server]`, benchmarks/.venv-llamacpp), both on the same checkpoint at the same precision.
 
     python -m llama3_deploy.benchmarks.serve_load --ours work-out/cpu-bench-int8e \
         --llamacpp work-out/cpu-bench-q8_0.gguf --concurrency 1,2,4,8,16,32 --prompt-tokens 128 --max-tokens 64 \
         --out benchmarks/results/serve-load-cpu-bench
+    python -m llama3_deploy.benchmarks.serve_load --ours work-out/big/llama3.1-8b-int4 --concurrency 1,4 \
+        --prompt-tokens 128 --max-tokens 32 --model-name llama-3.1-8b-instruct \
+        --precision "int4 (weight-only, block 32, symmetric)" --out benchmarks/results/serve-load-8b-int4
 
-Both servers stay up for the run (the idle one is measured idle: its CPU time is recorded); the levels run
-interleaved, one server then the other, the order alternating per repeat; figures are medians over repeats.
+Without --llamacpp only our server runs (no llama.cpp columns, ratios or idle-CPU figures). With it, both
+servers stay up for the run (the idle one is measured idle: its CPU time is recorded); the levels run
+interleaved, one server then the other, the order alternating per repeat. Figures are medians over repeats.
 Writes `<out>.json` (command, machine, versions, settings, every figure), `<out>.md` and `<out>.png`.
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ LLAMACPP_PYTHON = "benchmarks/.venv-llamacpp/bin/python"
 FILLER = ("The history of the river valley is written in its stones, its fields and the records of the towns that "
           "grew along the water. Farmers measured the seasons by the floods, merchants by the boats, and scholars "
           "by the letters that travelled between the monasteries on either bank. ")
-SERVERS = ("ours", "llamacpp")
+SERVERS = ("ours", "llamacpp")  # the full set; a run records the ones it used in settings["servers"]
+PRECISION_VS_LLAMACPP = "int8 (ours: weight-only int8, block 32, symmetric; llama.cpp: q8_0)"
 
 
 def _pct(values, q):
@@ -205,31 +210,39 @@ def _f(x, nd=1):
     return "-" if x is None else f"{x:,.{nd}f}"
 
 
+def _used(doc: dict) -> list[str]:
+    """The servers a run used (reports written before `settings.servers` existed ran both)."""
+    return doc["settings"].get("servers", list(SERVERS))
+
+
 def markdown(doc: dict) -> str:
-    st = doc["settings"]
+    st, used = doc["settings"], _used(doc)
+    two = len(used) == 2
     lines = [f"# Serving load: {doc['model']} (RANDOM weights), {doc['precision']}", "",
-             f"{doc['machine']['short']}; {st['threads']} threads per server; prompt {st['prompt_tokens']} tokens, "
-             f"{st['max_tokens']} greedy completion tokens, {st['requests_per_client']} requests per client "
-             f"(at most {st['max_requests']} per level), medians of {st['repeats']} interleaved repeats. "
-             f"Weights are seeded random: speed figures only.", "", *([doc["note"], ""] if doc.get("note") else []),
-             f"- ours: `{shlex.join(doc['servers']['ours']['argv'][1:])}`",
-             f"- llama.cpp: `{shlex.join(doc['servers']['llamacpp']['argv'][1:])}`", "",
+             f"{doc['machine']['short']}; {st['threads']} threads{' per server' if two else ''}; prompt "
+             f"{st['prompt_tokens']} tokens, {st['max_tokens']} greedy completion tokens, {st['requests_per_client']} "
+             f"requests per client (at most {st['max_requests']} per level), medians of {st['repeats']} "
+             f"{'interleaved ' if two else ''}repeats. Weights are seeded random: speed figures only.", "",
+             *([doc["note"], ""] if doc.get("note") else []),
+             *(f"- {'llama.cpp' if s == 'llamacpp' else s}: `{shlex.join(doc['servers'][s]['argv'][1:])}`"
+               for s in used), "",
              "| C | server | out tok/s | req/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms | errors |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for c in st["concurrency"]:
-        for s in SERVERS:
+        for s in used:
             m = doc["medians"][s][str(c)]
             lines.append(f"| {c} | {doc['servers'][s]['label']} | {_f(m['output_tok_s'])} | {_f(m['requests_s'], 2)} | "
                          + " / ".join(_f(m["ttft_ms"][f"p{q}"], 0) for q in (50, 90, 99)) + " | "
                          + " / ".join(_f(m["itl_ms"][f"p{q}"], 1) for q in (50, 90, 99)) + f" | {m['errors']} |")
-    lines += ["", "Ours / llama.cpp (throughput: higher is better for ours; TTFT and ITL: lower is better for ours):", "",
-              "| C | throughput | TTFT p50 | ITL p50 |", "|---:|---:|---:|---:|"]
-    for c in st["concurrency"]:
-        r = doc["ratios"][str(c)]
-        lines.append(f"| {c} | {_f(r['output_tok_s'], 2)}x | {_f(r['ttft_p50'], 2)}x | {_f(r['itl_p50'], 2)}x |")
-    lines += ["", "Idle CPU of the waiting server, per second of the other's load: "
-              + ", ".join(f"{s} {doc['idle_cpu_per_s'][s]:.3f}" for s in SERVERS), "",
-              f"Command: `{doc['command']}`", ""]
+    if two:
+        lines += ["", "Ours / llama.cpp (throughput: higher is better for ours; TTFT and ITL: lower is better for "
+                  "ours):", "", "| C | throughput | TTFT p50 | ITL p50 |", "|---:|---:|---:|---:|"]
+        for c in st["concurrency"]:
+            r = doc["ratios"][str(c)]
+            lines.append(f"| {c} | {_f(r['output_tok_s'], 2)}x | {_f(r['ttft_p50'], 2)}x | {_f(r['itl_p50'], 2)}x |")
+        lines += ["", "Idle CPU of the waiting server, per second of the other's load: "
+                  + ", ".join(f"{s} {doc['idle_cpu_per_s'][s]:.3f}" for s in used)]
+    lines += ["", f"Command: `{doc['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -242,7 +255,7 @@ def plot(doc: dict, path: Path) -> None:
     panels = (("output_tok_s", None, "output tokens/s (total)"), ("ttft_ms", "p50", "TTFT p50 (ms)"),
               ("itl_ms", "p50", "ITL p50 (ms)"))
     for ax, (key, q, label) in zip(axes, panels):
-        for s, style in zip(SERVERS, ("o-", "s--")):
+        for s, style in zip(_used(doc), ("o-", "s--")):
             ys = [doc["medians"][s][str(c)][key] if q is None else doc["medians"][s][str(c)][key][q] for c in cs]
             ax.plot(cs, ys, style, label=doc["servers"][s]["label"])
         ax.set_xscale("log", base=2)
@@ -279,18 +292,19 @@ def _median_summary(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama3_deploy.benchmarks.serve_load", description=__doc__.splitlines()[0])
     p.add_argument("--ours", required=True, help="optimized-flavor export directory")
-    p.add_argument("--llamacpp", required=True, help="GGUF file")
+    p.add_argument("--llamacpp", help="GGUF file of llama.cpp's server (omit: only our server runs)")
     p.add_argument("--model-name", default="llama3-cpu-bench", help="model label of the report")
-    p.add_argument("--precision", default="int8 (ours: weight-only int8, block 32, symmetric; llama.cpp: q8_0)")
+    p.add_argument("--precision", help=f"precision label of the report (default with --llamacpp: "
+                   f"{PRECISION_VS_LLAMACPP!r}; without: 'int8 (weight-only, block 32, symmetric)')")
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-requests", type=int, default=64, help="cap of requests per level (fewer per client)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the whole sweep (medians)")
+    p.add_argument("--repeats", type=int, default=2, help="repeats of the whole sweep (medians)")
     p.add_argument("--threads", type=int, default=2, help="compute threads of each server")
     p.add_argument("--slots", type=int, default=0, help="our --slots (0: the largest concurrency)")
-    p.add_argument("--ctx", type=int, default=512, help="context of both servers (our --max-context, --n_ctx)")
+    p.add_argument("--ctx", type=int, default=512, help="context of the servers (our --max-context, --n_ctx)")
     p.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON)
     p.add_argument("--llamacpp-args", default="--interrupt_requests False",
                    help="extra llama_cpp.server options (its default interrupt_requests=True cuts a streaming "
@@ -298,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a remark recorded in the report (e.g. other load on the machine)")
     p.add_argument("--out", required=True, help="output stem: writes <out>.json, .md, .png")
     a = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop both servers on the way out
+    used = SERVERS if a.llamacpp else SERVERS[:1]  # in SERVERS order: with two, the repeats alternate it
+    two = len(used) == 2
+    a.precision = a.precision or (PRECISION_VS_LLAMACPP if two else "int8 (weight-only, block 32, symmetric)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     levels = [int(x) for x in a.concurrency.split(",")]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
                  "--port", str(free_port()), "--slots", str(slots), "--max-waiting", str(max(64, 2 * max(levels))),
                  "--max-context", str(a.ctx), "--threads", str(a.threads), "--served-model-name", "m",
                  "--log-level", "warning"]
-    lc_argv = [a.llamacpp_python, "-m", "llama_cpp.server", "--model", a.llamacpp, "--model_alias", "m",
-               "--host", "127.0.0.1", "--port", str(free_port()), "--n_ctx", str(a.ctx),
-               "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--verbose", "False",
-               *shlex.split(a.llamacpp_args)]
-    servers = {"ours": ServerProc("ours", ours_argv, int(ours_argv[ours_argv.index("--port") + 1]), logs / "ours.log"),
-               "llamacpp": ServerProc("llamacpp", lc_argv, int(lc_argv[lc_argv.index("--port") + 1]),
-                                      logs / "llamacpp.log")}
+    argvs = {"ours": ours_argv}
+    if two:
+        argvs["llamacpp"] = [a.llamacpp_python, "-m", "llama_cpp.server", "--model", a.llamacpp, "--model_alias", "m",
+                             "--host", "127.0.0.1", "--port", str(free_port()), "--n_ctx", str(a.ctx),
+                             "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--verbose", "False",
+                             *shlex.split(a.llamacpp_args)]
+    servers = {s: ServerProc(s, argvs[s], int(argvs[s][argvs[s].index("--port") + 1]), logs / f"{s}.log")
+               for s in used}
+    labels = {"ours": f"llama3-deploy serve (--slots {slots})",
+              "llamacpp": "llama-cpp-python server (requests serialised)"}
     doc = {"benchmark": "serve-load", "command": shlex.join(["python", "-m", "llama3_deploy.benchmarks.serve_load",
                                                               *(argv if argv is not None else sys.argv[1:])]),
            "model": a.model_name, "precision": a.precision, "weights": "seeded random (speed figures only)",
@@ -325,17 +345,19 @@ def main(argv: list[str] | None = None) -> int:
            "settings": {"concurrency": levels, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
                         "requests_per_client": a.requests_per_client, "requests_per_client_by_level": per_client,
                         "max_requests": a.max_requests, "repeats": a.repeats, "threads": a.threads, "slots": slots,
-                        "ctx": a.ctx, "temperature": 0.0, "both_servers_up": True},
-           "artifacts": {"ours": {"path": a.ours, "bytes": sum(f.stat().st_size for f in Path(a.ours).iterdir())},
-                         "llamacpp": {"path": a.llamacpp, "bytes": Path(a.llamacpp).stat().st_size}},
-           "versions": {"ours": our_versions(), "llamacpp": llamacpp_versions(a.llamacpp_python)},
-           "servers": {"ours": {"label": f"llama3-deploy serve (--slots {slots})", "argv": ours_argv},
-                       "llamacpp": {"label": "llama-cpp-python server (requests serialised)", "argv": lc_argv}},
+                        "ctx": a.ctx, "temperature": 0.0, "servers": list(used),
+                        **({"both_servers_up": True} if two else {})},
+           "artifacts": {"ours": {"path": a.ours, "bytes": sum(f.stat().st_size for f in Path(a.ours).iterdir())}},
+           "versions": {"ours": our_versions()},
+           "servers": {s: {"label": labels[s], "argv": argvs[s]} for s in used},
            "note": a.note, "runs": []}
+    if two:  # probing llama-cpp-python's venv only when it runs
+        doc["artifacts"]["llamacpp"] = {"path": a.llamacpp, "bytes": Path(a.llamacpp).stat().st_size}
+        doc["versions"]["llamacpp"] = llamacpp_versions(a.llamacpp_python)
     extra = {"ours": {"stream_options": {"include_usage": True}}, "llamacpp": {}}
-    idle = {s: [0.0, 0.0] for s in SERVERS}  # CPU seconds while the other server runs a load, wall seconds
+    idle = {s: [0.0, 0.0] for s in used}  # CPU seconds while the other server runs a load, wall seconds
     try:
-        for s in SERVERS:
+        for s in used:
             servers[s].start()
             doc["servers"][s]["startup_s"] = servers[s].startup_s
             # warm-up: a non-streamed request (prompt/completion token counts from usage) and a small streamed load
@@ -348,14 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s}: up in {servers[s].startup_s:.1f} s, warm-up usage {r.get('usage')}", flush=True)
         for rep in range(a.repeats):
             for c in levels:
-                for s in (SERVERS if (rep + levels.index(c)) % 2 == 0 else SERVERS[::-1]):
-                    other = servers[SERVERS[1 - SERVERS.index(s)]]
-                    cpu0 = other.cpu_s()
+                for s in (used if (rep + levels.index(c)) % 2 == 0 else used[::-1]):
+                    other = servers[used[1 - used.index(s)]] if two else None
+                    cpu0 = other.cpu_s() if other else 0.0
                     load = asyncio.run(run_load(servers[s].url, model="m", prompts=prompts, concurrency=c,
                                                 requests_per_client=per_client[c], max_tokens=a.max_tokens,
                                                 extra=extra[s]))
-                    idle[other.name][0] += other.cpu_s() - cpu0
-                    idle[other.name][1] += load["wall_s"]
+                    if other:
+                        idle[other.name][0] += other.cpu_s() - cpu0
+                        idle[other.name][1] += load["wall_s"]
                     summ = summarize(load)
                     doc["runs"].append({"repeat": rep, "server": s, "summary": summ,
                                         "requests": [{k: (round(v, 5) if isinstance(v, float) else v)
@@ -364,22 +387,22 @@ def main(argv: list[str] | None = None) -> int:
                           f"{summ['ttft_ms']['p50']:8.0f} ms  ITL p50 {summ['itl_ms']['p50'] or 0:7.1f} ms  "
                           f"errors {summ['errors']}  finish {summ['finish_reasons']}", flush=True)
     finally:
-        for s in SERVERS:
+        for s in used:
             servers[s].stop()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["machine"]["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    doc["idle_cpu_per_s"] = {s: idle[s][0] / idle[s][1] if idle[s][1] else 0.0 for s in SERVERS}
+    if two:
+        doc["idle_cpu_per_s"] = {s: idle[s][0] / idle[s][1] if idle[s][1] else 0.0 for s in used}
     doc["medians"] = {s: {str(c): _median_summary([r["summary"] for r in doc["runs"]
                                                    if r["server"] == s and r["summary"]["concurrency"] == c])
-                          for c in levels} for s in SERVERS}
-    div = lambda x, y: x / y if x is not None and y else None  # noqa: E731
-    doc["ratios"] = {str(c): {"output_tok_s": div(doc["medians"]["ours"][str(c)]["output_tok_s"],
-                                                  doc["medians"]["llamacpp"][str(c)]["output_tok_s"]),
-                              "ttft_p50": div(doc["medians"]["ours"][str(c)]["ttft_ms"]["p50"],
-                                              doc["medians"]["llamacpp"][str(c)]["ttft_ms"]["p50"]),
-                              "itl_p50": div(doc["medians"]["ours"][str(c)]["itl_ms"]["p50"],
-                                             doc["medians"]["llamacpp"][str(c)]["itl_ms"]["p50"])}
-                     for c in levels}
+                          for c in levels} for s in used}
+    if two:  # ours / llama.cpp per level
+        m = {s: {c: doc["medians"][s][str(c)] for c in levels} for s in used}
+        div = lambda x, y: x / y if x is not None and y else None  # noqa: E731
+        doc["ratios"] = {str(c): {"output_tok_s": div(m["ours"][c]["output_tok_s"], m["llamacpp"][c]["output_tok_s"]),
+                                  "ttft_p50": div(m["ours"][c]["ttft_ms"]["p50"], m["llamacpp"][c]["ttft_ms"]["p50"]),
+                                  "itl_p50": div(m["ours"][c]["itl_ms"]["p50"], m["llamacpp"][c]["itl_ms"]["p50"])}
+                         for c in levels}
     try:
         plot(doc, Path(f"{out}.png"))
         doc["plot"] = Path(f"{out}.png").name

@@ -45,6 +45,7 @@ class GenerationResult:
     ttft_ms: float      # prompt in -> first token out
     tpot_ms: float      # mean time per output token after the first
     step_ms: list[float] = dataclasses.field(default_factory=list)  # each decode step's time
+    kv_cache: dict | None = None  # the cache the run used: KVCache.describe() (capacity, bytes)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,9 +114,10 @@ class _Sequence:
         self.text += out
         return out
 
-    def result(self, ttft_ms: float, tpot_ms: float, step_ms: list[float]) -> GenerationResult:
+    def result(self, ttft_ms: float, tpot_ms: float, step_ms: list[float], kv_cache: dict | None = None
+               ) -> GenerationResult:
         return GenerationResult(self.prompt_ids, self.generated, self.text, self.finish_reason, ttft_ms, tpot_ms,
-                                step_ms)
+                                step_ms, kv_cache)
 
 
 class Generator:
@@ -348,7 +350,8 @@ class Generator:
                 yield r, delta
         n = max(len(s.generated) for s in seqs)
         tpot = (t_end - t_first) * 1e3 / max(n - 1, 1)
-        yield [s.result((t_first - t0) * 1e3, tpot, step_ms) for s in seqs]
+        kv = cache.describe()
+        yield [s.result((t_first - t0) * 1e3, tpot, step_ms, kv) for s in seqs]
 
 
 def _nonempty(ids: list[int], source: str) -> list[int]:

@@ -73,6 +73,16 @@ class KVCache:
         kv *= itemsize(session.kv_dtype)
         return logits + tokens + cls.KV_COPIES * kv + cls.MASKS * batch * capacity * 8
 
+    def describe(self) -> dict:
+        """What this cache holds: its rows, token capacity, element type and the bytes of its key/value buffers."""
+        c = self.session.config
+        per_token = len(self.session.io.past_names) * c.num_key_value_heads * c.head_dim
+        per_token *= itemsize(self.session.kv_dtype)
+        return {"batch": self.batch, "capacity_tokens": self.capacity, "kv_dtype": self.session.kv_dtype,
+                "kv_bytes": self.KV_COPIES * per_token * self.batch * self.capacity,
+                "kv_bytes_per_token": self.KV_COPIES * per_token,
+                "model_context_tokens": c.max_position_embeddings}
+
     # --- the flavor's part -----------------------------------------------------------------------------
     def reset(self) -> None:
         raise NotImplementedError

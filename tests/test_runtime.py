@@ -202,3 +202,28 @@ def test_eos_stop_keeps_held_back_text(tok_export):
     assert r.finish_reason == "stop" and r.generated_ids == free.generated_ids[:cut]
     assert r.text == gen.tokenizer.decode(free.generated_ids[:cut], skip_special_tokens=True)
     assert "".join(gen.stream("def main():", max_new_tokens=24, stop=("never-appears-here",))) == r.text
+
+
+def test_kv_cache_is_sized_by_the_request_not_the_model_context(tmp_path):
+    """Llama 3.1's shape in small: rope scaling from 32 original positions, a 1,024-position model context. A
+    request past position 32 generates what transformers does, and the cache holds one 256-token page, not the
+    model's whole context (8B 3.1: 128K positions would be 16 GiB of fp32 keys and values per row)."""
+    from llama3_deploy.export.pipeline import export_model
+    from tests.conftest import PARITY_CONFIGS, write_random_checkpoint
+    config = PARITY_CONFIGS["rope_llama3"]
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", config, seed=3)
+    out = export_model(str(ckpt), tmp_path / "onnx", flavor="optimized", progress=False).output
+    g = Generator(out)
+    prompt = [(7 * i + 3) % 500 + 4 for i in range(40)]  # 40 > original_max_position_embeddings (32)
+    r = g.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    assert r.generated_ids == hf_greedy(ckpt, [prompt], 12)[0]
+    kv = r.kv_cache
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
+    assert kv == {"batch": 1, "capacity_tokens": 256, "kv_dtype": "float32", "kv_bytes": 256 * per_token,
+                  "kv_bytes_per_token": per_token, "model_context_tokens": 1024}
+    assert kv["kv_bytes"] == sum(b.host.nbytes for b in g._cache.buffers)  # what was really allocated
+    # the portable flavor keeps two buffers per tensor (ping-pong): twice the bytes, reported as such
+    portable = Generator(export_model(str(ckpt), tmp_path / "portable", progress=False).output)
+    kv2 = portable.generate(prompt, max_new_tokens=4, ignore_eos=True).kv_cache
+    assert kv2["kv_bytes"] == 2 * 256 * per_token == sum(a.host.nbytes + b.host.nbytes
+                                                         for a, b in portable._cache.buffers)

@@ -13,7 +13,8 @@
   which random checkpoints lack, so it reads a directory of links to the checkpoint plus a minimal
   word-level tokenizer (token ids are what the benchmark feeds; the tokenizer is never used).
 
-Every build runs as a child process (so the bench process stays small) and reports its command and time.
+Every build runs as a child process (so the bench process stays small) under a memory watchdog (memwatch.py),
+and reports its command, time and peak memory; one that runs out of memory is stopped and reported as such.
 An artifact whose directory holds a `.complete` marker is reused.
 """
 from __future__ import annotations
@@ -24,36 +25,43 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .memwatch import run_watched
 
 MARK = ".complete"
 
 
 class BuildError(RuntimeError):
-    pass
+    """A build that did not finish; `memory` holds its figures (peak RSS, out of memory) when it ran at all."""
+
+    def __init__(self, message: str, *, memory: dict | None = None):
+        super().__init__(message)
+        self.memory = memory
 
 
 def _run(cmd: list[str], out: Path, *, what: str, log: Path, env: dict | None = None) -> dict:
-    """Run a build command into `out` (removed first), logging to `log`; mark it complete."""
+    """Run a build command into `out` (removed first), logging to `log`, under the memory watchdog; mark it
+    complete. The build's peak memory is part of what it returns (and of the marker)."""
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not out.is_dir():
+    w = run_watched(cmd, log=log, env=env)
+    memory = w.to_json()
+    if w.oom or w.returncode != 0 or not out.is_dir():
         tail = log.read_text(errors="replace")[-1500:]
-        raise BuildError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    (out / MARK).write_text(json.dumps({"command": cmd, "seconds": seconds}))
-    return {"path": str(out), "command": " ".join(cmd), "seconds": round(seconds, 1), "cached": False}
+        head = w.oom or f"exit {w.returncode}"
+        raise BuildError(f"{what} failed ({head}; peak RSS {memory['peak_rss_gib']} GiB): {' '.join(cmd)}\n{tail}",
+                         memory=memory)
+    (out / MARK).write_text(json.dumps({"command": cmd, "seconds": w.seconds, "memory": memory}))
+    return {"path": str(out), "command": " ".join(cmd), "seconds": round(w.seconds, 1), "cached": False,
+            "memory": memory}
 
 
 def _cached(out: Path) -> dict | None:
     if (out / MARK).is_file():
         info = json.loads((out / MARK).read_text())
         return {"path": str(out), "command": " ".join(info["command"]), "seconds": round(info["seconds"], 1),
-                "cached": True}
+                "cached": True, "memory": info.get("memory")}
     return None
 
 
