@@ -8,8 +8,11 @@
     128, GQA 4:1 like the 8B; ~20 M parameters) as optimized fp32 --argmax, optimized fp16 --argmax and
     portable fp32; then the full-size Meta-Llama-3-8B-Instruct architecture from the preset (--model) as the
     optimized fp16 graph with --argmax (step model-opt, 16.1 GB); then, unless --no-int4 and if the disk allows,
-    its INT4 twin (MatMulNBits, symmetric blocks of 32, embedding kept fp16). Progress goes to work/prepare.log
-    (a line per step, every 20 s the bytes written) and work/prepare-status-*.json (pid, state, each step's).
+    its INT4 twin (MatMulNBits, symmetric blocks of 32, embedding kept fp16). With --int4-only (a model whose
+    fp16 weights fit neither GPU nor disk: 70B) the model's only step is model-opt-int4, its token table quantized
+    too. Each step first checks the free disk against its size estimated from the config and quantization, and
+    is skipped with the reason when short. Progress goes to work/prepare.log (a line per step, every 20 s the
+    bytes written) and work/prepare-status-*.json (pid, state, each step's).
 --phase bench (after the CUDA build is installed: it joins the staged parts .whl/part-*/ort-gpu.* itself)
     in order of value, rewriting $OUT/gpu-check.json after every result:
     1. correctness on the small model: greedy tokens on CUDA equal the CPU's (fp32, portable and optimized);
@@ -20,6 +23,9 @@
        on and off against PyTorch eager (transformers LlamaForCausalLM from the same config, fp16 on CUDA,
        random init: latency does not depend on the values), TTFT, TPOT p50/p90, peak device memory, ratios
        to the floor and to PyTorch; 3. while --budget-s lasts: batch 4 and 8, then the INT4 export.
+    With --int4-only, item 2 times the INT4 export as the main model (one load, CUDA graphs on) and item 3 its
+    batches. PyTorch eager runs only where its fp16 weights (parameters x 2 bytes) fit the device's memory less
+    a margin (10%, at least 4 GiB); else it is skipped with the reason, which the report shows instead of ratios.
     Then $OUT holds gpu-check.json, .md (table, targets), .png, -bench.log and -prepare.log (5 files, small),
     and the table is printed last. The background prepare is SIGSTOPped while timings run.
 --phase all: both, one after the other (on CUDA the preparation in a child process, so the bench imports
@@ -50,6 +56,26 @@ loads, ~30-60 s each; ~5-10 s of runs per cell; the PyTorch model ~15-30 s); ite
 8; INT4 (its export takes ~1.25x the fp16 one and is paused while timings run) only if it is ready within the
 budget. Done ~10-11.5, given back ~11-12 of the 15 minutes. See benchmarks/results/gpu-check-cpu-side.md for
 what was measured here.
+
+Second plan: 70B on one 80 GB H100 (only INT4 fits: 70.55 B parameters are 141 GB in fp16; the INT4 export,
+token table quantized too, is ~39.7 GB (37 GiB) by gpu_sizes.export_bytes). The same six calls; calls 1 and 6
+add --model random:meta-llama-3-70b-instruct --int4-only:
+  1. carry [".whl/part-0"]:
+       python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && mkdir -p work-out/gpu &&
+       (setsid nohup python3 -m llama3_deploy.benchmarks.gpu --quick --phase prepare --work work-out/gpu
+       --model random:meta-llama-3-70b-instruct --int4-only >work-out/gpu/prepare.out 2>&1 </dev/null &) ;
+       sleep 15; cat work-out/gpu/prepare.log; tail -n 5 work-out/gpu/prepare.out; ls -la .whl/part-0
+  2-5. as above.
+  6. timeout_s 540:
+       python3 -m llama3_deploy.benchmarks.gpu --quick --phase bench --work work-out/gpu --out $OUT
+       --model random:meta-llama-3-70b-instruct --int4-only
+Estimate, not a measurement of the device: here, on 2 cores, the 70B INT4 export from the random source writes
+about 1 GB a minute (~40 minutes for the whole export; the measured figure will be in
+benchmarks/results/export-llama3-70b-int4.json). The device's 16 cores may cut that several-fold, but this is
+not certain (the 8B fp16 export ran on about one core), and the export may well not finish inside the 15
+minutes. Then the check reports what it measured (item 1 and the floor), the INT4 step as not ready and
+PyTorch eager as skipped (141 GB of fp16 weights do not fit 80 GB). The free disk must hold ~44 GB for the
+export (estimate + 5% + 2 GiB), else the step is skipped with the free and needed bytes recorded.
 """
 from __future__ import annotations
 
@@ -66,6 +92,7 @@ import traceback
 from pathlib import Path
 
 from . import gpu_setup as S
+from . import gpu_sizes as Z
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python3 -m llama3_deploy.benchmarks.gpu", description=__doc__.splitlines()[0])
@@ -87,9 +114,14 @@ def parse(argv):
     p.add_argument("--long-new-tokens", type=int, default=16)
     p.add_argument("--batches", default="4,8", help="item 3's batch sizes")
     p.add_argument("--no-int4", dest="int4", action="store_false")
+    p.add_argument("--int4-only", action="store_true",
+                   help="export and time only --model's INT4 export (token table quantized too), no fp16 export: for "
+                        "a model whose fp16 weights fit neither the GPU nor the disk (70B on one 80 GB H100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", default="", help=argparse.SUPPRESS)  # a prepare child: these export steps only
     a = p.parse_args(argv)
+    if a.int4_only and not a.int4:
+        p.error("--int4-only times the INT4 export: it cannot go with --no-int4")
     a.argv = list(argv)
     a.budget_s = a.budget_s or (420.0 if a.quick else 3600.0)
     a.reps = a.reps or (3 if a.quick else 10)
@@ -103,12 +135,12 @@ def _export_steps(args, work: Path):
     opt = dict(flavor="optimized", argmax=True)
     steps = {"small-opt-fp32": (small, dict(dtype="float32", **opt)),
              "small-opt-fp16": (small, dict(dtype="float16", **opt)),
-             "small-portable-fp32": (small, dict(dtype="float32", flavor="portable")),
-             "model-opt": (model, dict(dtype=args.dtype, **opt))}
-    if args.int4:
-        from llama3_deploy.export.quantize import QuantSpec
-        steps["model-opt-int4"] = (model, dict(dtype=args.dtype, quantization=QuantSpec(
-            bits=4, block_size=32, symmetric=True), **opt))
+             "small-portable-fp32": (small, dict(dtype="float32", flavor="portable"))}
+    if not args.int4_only:  # with --int4-only the fp16 graph (141 GB at 70B) is neither written nor timed
+        steps["model-opt"] = (model, dict(dtype=args.dtype, **opt))
+    if args.int4:  # the 8B twin keeps its token table fp16; as the main model it is quantized to save memory
+        steps["model-opt-int4"] = (model, dict(dtype=args.dtype, quantization=Z.int4_spec(
+            embedding=args.int4_only), **opt))
     return steps
 
 
@@ -140,7 +172,8 @@ def prepare(args) -> int:
     status.update(state="done", finished=_now(), current=None)
     S.write_json(status_path, status)
     log(f"prepare ({', '.join(steps)}): done")
-    failed = [k for k, st in status["steps"].items() if st["state"] == "failed" and k != "model-opt-int4"]
+    extra = set() if args.int4_only else {"model-opt-int4"}  # the twin is extra; with --int4-only it is the model
+    failed = [k for k, st in status["steps"].items() if st["state"] == "failed" and k not in extra]
     return 1 if failed or rc else 0
 
 
@@ -155,12 +188,14 @@ def _run_steps(args, work: Path, steps: dict, status: dict, status_path: Path, l
             status["steps"][key] = {"state": "done", "path": str(dest), "cached": True}
             log(f"{key}: already there ({dest})")
             continue
-        expect = source_config(source).num_parameters() * (2 if kw["dtype"] == "float16" else 4)
-        expect = expect // 3 if "quantization" in kw else expect
-        free = _free_bytes(work)
-        if free < 1.2 * expect + (2 << 30):
-            status["steps"][key] = {"state": "skipped", "reason": f"{free / 1e9:.1f} GB free disk"}
-            log(f"{key}: skipped, {free / 1e9:.1f} GB free for ~{expect / 1e9:.1f} GB")
+        # checked before each step starts, from the config and the quantization: at 70B the fp16 graph (141 GB)
+        # never fits the 64 GB disk, the INT4 one (~40 GB) only when little else is there
+        expect = Z.export_bytes(source_config(source), dtype=kw["dtype"], quantization=kw.get("quantization"))
+        free, need = _free_bytes(work), Z.disk_needed_bytes(expect)
+        if free < need:
+            reason = f"{free / 1e9:.1f} GB free disk, ~{need / 1e9:.1f} GB needed (an export of ~{expect / 1e9:.1f} GB)"
+            status["steps"][key] = {"state": "skipped", "reason": reason, "expected_bytes": expect}
+            log(f"{key}: skipped, {reason}")
             continue
         status["steps"][key] = {"state": "running", "started": _now(), "expected_bytes": expect}
         S.write_json(status_path, status)
@@ -239,6 +274,7 @@ class Bench:
                                               "every round", "timing": "host clock around each call; this runtime "
                                  "synchronizes its outputs each step, PyTorch copies each token to the host"},
                     "source": S.source_digest(), "machine": {}, "versions": {}, "prepare": {}, "floor": None,
+                    "int4_only": args.int4_only, "eager": None,
                     "correctness": None, "results": [], "targets": [], "skipped": [], "errors": []}
 
     def left(self) -> float:
@@ -331,9 +367,7 @@ def bench(args) -> int:
 def finish(b: Bench) -> None:
     from . import gpu_report as R
     doc = b.doc
-    # complete: items 1 and 2 ran (correctness, and batch 1 of this runtime and of PyTorch); item 3 is extra
-    doc["complete"] = bool(doc["correctness"]) and bool(doc["results"]) and \
-        R.find(doc, R.ours(doc)) is not None and R.find(doc, "torch-eager") is not None
+    doc["complete"] = R.complete(doc)
     try:
         doc["targets"] = R.targets(doc)
     except Exception as e:

@@ -173,12 +173,20 @@ def row_floor(config: LlamaConfig, export_dir: Path | None, batch: int, prompt_l
     """Decode floor: the weight bytes a step reads (the export's data file less the embedding table plus the
     B rows it gathers; all weights once) plus the KV cache read at the mean context and written, over the
     measured copy bandwidth. TTFT floor from floor.floor_for (prefill FLOPs over the matmul rate)."""
+    from llama3_deploy.export.quantize import QuantSpec
+
     from . import floor as F
-    act = "float16" if kv_itemsize == 2 else "float32"  # activations, KV and the (unquantized) embedding
+    from .gpu_sizes import embedding_bytes
+    act = "float16" if kv_itemsize == 2 else "float32"  # activations, KV and an unquantized embedding
     base = F.floor_for(config, act, batch, prompt_len, new_tokens, bandwidth, matmul)
-    emb = config.hidden_size * kv_itemsize
-    weights = (Path(export_dir, "model.onnx.data").stat().st_size - config.vocab_size * emb + batch * emb
-               if export_dir is not None else F.weight_bytes_read(config, act, batch))
+    if export_dir is not None:  # the table as this export stores it (quantized with --int4-only)
+        q = (json.loads(Path(export_dir, "manifest.json").read_text()).get("quantization")
+             if Path(export_dir, "manifest.json").is_file() else None)
+        table = embedding_bytes(config, dtype=act, quantization=QuantSpec.from_json(q) if q else None)
+        weights = (Path(export_dir, "model.onnx.data").stat().st_size - table
+                   + batch * table // config.vocab_size)
+    else:
+        weights = F.weight_bytes_read(config, act, batch)
     ctx = base["decode_mean_context"]
     kv = batch * (ctx + 1) * config.kv_bytes_per_token(kv_itemsize)
     return {"tpot_floor_ms": (weights + kv) / bandwidth * 1e3, "ttft_floor_ms": base["ttft_floor_ms"],

@@ -92,6 +92,126 @@ def test_bench_budget_skips_and_still_reports(cpu_run, tmp_path):
     assert (out / "gpu-check.md").read_text().count("skipped") >= 1
 
 
+@pytest.fixture(scope="module")
+def int4_only_work(tmp_path_factory):
+    """The prepare phase with --int4-only in a fresh folder: the small models and the INT4 export, nothing else."""
+    work = tmp_path_factory.mktemp("gpu-check-int4") / "work"
+    assert gpu.main(["--phase", "prepare", *SMALL_RUN, "--int4-only", "--work", str(work)]) == 0
+    return work
+
+
+def test_int4_only_prepare_exports_no_fp16_model(int4_only_work):
+    work = int4_only_work
+    state = gpu_setup.prepare_state(work)
+    assert {k: s["state"] for k, s in state["steps"].items()} == {
+        k: "done" for k in ("small-opt-fp32", "small-opt-fp16", "small-portable-fp32", "model-opt-int4")}
+    assert not (work / "exports" / "model-opt").exists()
+    manifest = json.loads((work / "exports" / "model-opt-int4" / "manifest.json").read_text())
+    assert manifest["quantization"]["embedding"] is True and manifest["quantization"]["symmetric"] is True
+    assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["block_size"] == 32
+    data = (work / "exports" / "model-opt-int4" / "model.onnx.data").stat().st_size
+    assert state["steps"]["model-opt-int4"]["bytes"] == data
+
+
+def _int4_only_bench(work: Path, out: Path) -> tuple[int, dict]:
+    rc = gpu.main(["--phase", "bench", *SMALL_RUN, "--int4-only", "--work", str(work), "--out", str(out)])
+    doc = json.loads((out / "gpu-check.json").read_text())
+    assert {p.name for p in out.iterdir()} == OUT_FILES
+    assert doc["int4_only"] is True and doc["correctness"]["ok"] is True and not doc["errors"], doc["errors"]
+    for r in doc["results"]:
+        assert r["ttft_ms"] > 0 and r["tpot_ms"]["p90"] >= r["tpot_ms"]["p50"] > 0
+        assert r["floor"]["tpot_floor_ms"] > 0 and r["floor"]["weight_bytes_per_step"] > 0
+    int4 = [r for r in doc["results"] if r["engine"] == "ort-int4"]
+    assert {(r["batch"], r["prompt_len"]) for r in int4} == {(1, 128), (1, 256), (2, 128)}
+    assert all(r["dtype"] == "int4/float32" and r["export"].endswith("model-opt-int4") for r in int4)
+    assert doc["model"]["export_bytes_estimate"] > 0
+    return rc, doc
+
+
+def test_int4_only_bench_times_the_int4_model_against_pytorch_where_it_fits(int4_only_work, tmp_path):
+    rc, doc = _int4_only_bench(int4_only_work, tmp_path / "out")
+    assert rc == 0 and doc["complete"] and doc["eager"]["run"] is True
+    assert {r["engine"] for r in doc["results"]} == {"ort-int4", "torch-eager"}
+    assert all(r["ratio"]["tpot_to_eager"] > 0 for r in doc["results"])
+    eager = [r for r in doc["results"] if r["engine"] == "torch-eager"]
+    assert all(r["export"] is None for r in eager)  # its floor: the config's fp32 weights, not the INT4 file
+    assert [t["limit"] for t in doc["targets"]] == [2.0, 0.8, 1.0]
+    assert all(t["value"] is not None and "note" not in t for t in doc["targets"])
+
+
+def test_int4_only_bench_skips_pytorch_that_does_not_fit(int4_only_work, tmp_path, monkeypatch):
+    """As 70B on an 80 GB H100: PyTorch's weights exceed the device, so it is skipped with the reason, the
+    check is still complete, and the report shows the reason instead of ratios to PyTorch."""
+    from llama3_deploy.benchmarks import gpu_bench
+    monkeypatch.setattr(gpu_bench, "device_memory_bytes", lambda device: 1 << 20)
+    out = tmp_path / "out"
+    rc, doc = _int4_only_bench(int4_only_work, out)
+    assert rc == 0 and doc["complete"] and doc["eager"]["run"] is False
+    reason = doc["eager"]["reason"]
+    assert reason.startswith("PyTorch eager fp32 needs") and "more than this host memory's" in reason
+    assert {r["engine"] for r in doc["results"]} == {"ort-int4"}
+    assert {"item": "PyTorch eager", "reason": reason} in doc["skipped"]
+    assert all("tpot_to_eager" not in r["ratio"] for r in doc["results"])
+    assert [t["limit"] for t in doc["targets"]] == [2.0, 0.8, 1.0]
+    assert doc["targets"][0]["value"] is not None
+    assert all(t["value"] is None and t["note"] == f"not run: {reason}" for t in doc["targets"][1:])
+    md = (out / "gpu-check.md").read_text()
+    assert f"Not run: {reason}. No ratios to PyTorch" in md and "PyTorch eager not run" in doc["title"]
+
+
+def test_int4_only_prepare_skips_the_export_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """The free-disk check runs before the INT4 step: 70B's ~40 GB export does not start on 30 GB free."""
+    monkeypatch.setattr(gpu, "_free_bytes", lambda path: 30 * 10**9)
+    work = tmp_path / "work"
+    assert gpu.main(["--phase", "prepare", "--int4-only", "--model", "random:meta-llama-3-70b-instruct",
+                     "--steps", "model-opt-int4", "--work", str(work)]) == 0
+    step = gpu_setup.prepare_state(work)["steps"]["model-opt-int4"]
+    assert step["state"] == "skipped" and 35e9 < step["expected_bytes"] < 45e9
+    assert step["reason"].startswith("30.0 GB free disk, ~") and "needed" in step["reason"]
+    assert not (work / "exports" / "model-opt-int4").exists()
+
+
+def test_parse_int4_only_and_the_70b_sizes(tmp_path):
+    from llama3_deploy.benchmarks import gpu_sizes
+    from llama3_deploy.config import preset
+    args = gpu.parse(["--int4-only", "--model", "random:meta-llama-3-70b-instruct", "--quick"])
+    assert args.int4_only and args.int4 and args.budget_s == 420.0
+    assert not gpu.parse([]).int4_only
+    with pytest.raises(SystemExit):
+        gpu.parse(["--int4-only", "--no-int4"])
+    steps = gpu._export_steps(args, tmp_path)
+    assert "model-opt" not in steps and set(steps) == {"small-opt-fp32", "small-opt-fp16", "small-portable-fp32",
+                                                       "model-opt-int4"}
+    source, kw = steps["model-opt-int4"]
+    assert source == "random:meta-llama-3-70b-instruct" and kw["quantization"] == gpu_sizes.int4_spec(embedding=True)
+    assert "model-opt" in gpu._export_steps(gpu.parse([]), tmp_path)  # the default plan is unchanged
+    c70 = preset("meta-llama-3-70b-instruct")
+    int4 = gpu_sizes.export_bytes(c70, dtype="float16", quantization=kw["quantization"])
+    assert 35e9 < int4 < 45e9 and gpu_sizes.weight_bytes(c70, dtype="float16") > 130e9
+
+
+def test_export_size_estimate_matches_a_real_export(int4_only_work):
+    """The estimate behind the disk check, against the INT4 export the prepare phase wrote (tiny, fp32)."""
+    from llama3_deploy.benchmarks import gpu_sizes
+    from llama3_deploy.benchmarks.gpu_checks import model_source, source_config
+    config = source_config(model_source("tiny", int4_only_work))
+    data = (int4_only_work / "exports" / "model-opt-int4" / "model.onnx.data").stat().st_size
+    est = gpu_sizes.export_bytes(config, dtype="float32", quantization=gpu_sizes.int4_spec(embedding=True))
+    assert abs(est - data) <= 0.02 * data
+
+
+def test_pytorch_eager_runs_only_where_its_fp16_weights_fit():
+    from llama3_deploy.benchmarks.gpu_sizes import eager_plan
+    from llama3_deploy.config import preset
+    h100 = 80 * 2**30
+    big = eager_plan(preset("meta-llama-3-70b-instruct"), h100)
+    assert big["run"] is False and big["weight_bytes"] > 130e9
+    assert big["reason"].startswith("PyTorch eager fp16 needs 141 GB of weights, more than this GPU's 80 GiB")
+    small = eager_plan(preset("meta-llama-3-8b-instruct"), h100)
+    assert small["run"] is True and small["reason"] is None and 15e9 < small["weight_bytes"] < 17e9
+    assert eager_plan(preset("meta-llama-3-8b-instruct"), 16 * 2**30)["run"] is False  # no room beside 16 GB
+
+
 def _fake_wheel(tmp_path: Path) -> Path:
     wheel = tmp_path / "fakeort-0.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
