@@ -26,10 +26,11 @@ from llama3_deploy.config import LlamaConfig
 from llama3_deploy.dtypes import numpy_dtype, onnx_type
 
 from .model import rope_cos_sin
-from .quantize import (QuantSpec, gather_block_quantized_attributes, matmul_nbits_attributes, quantize_embedding,
-                       quantize_matrix, quantized_layout)
+from .quantize import (QuantizedMatrix, QuantSpec, concat_quantized, gather_block_quantized_attributes,
+                       matmul_nbits_attributes, quantize_embedding, quantize_matrix, quantized_layout)
 from .spec import ExportSpec
-from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_tensor
+from .weights import (CONVERT_CHUNK_ROWS, WeightEntry, WeightSource, derived_tensors, name_table, target_rows,
+                      target_tensor)
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
@@ -83,12 +84,24 @@ class _Weights:
                          lambda part=part: getattr(get(), part))
                 for part, (shape, kind) in quantized_layout(k, n, self.quant, embedding=embedding).items()]
 
+    def quantize_streamed(self, targets: tuple[str, ...], *, embedding: bool = False) -> QuantizedMatrix:
+        """The targets (fused along the output axis) quantized straight from the source, a chunk of output
+        channels at a time: only one chunk is ever in fp32 (a 70B head at once would be 4.2 GB)."""
+        quantize = quantize_embedding if embedding else quantize_matrix
+        parts = []
+        for t in targets:
+            e, rows = self.table[t], self.table[t].source_shape[0]
+            for lo in range(0, rows, CONVERT_CHUNK_ROWS):
+                chunk = target_rows(self.source, e, lo, min(lo + CONVERT_CHUNK_ROWS, rows), torch.float32)
+                parts.append(quantize(_np(chunk), self.quant, scale_dtype=numpy_dtype(self.dtype)))
+        return concat_quantized(parts)
+
     def linear(self, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool):
         """A [k, n] projection: (weight value, None) for MatMul, or (inputs, attributes) for MatMulNBits."""
         if self.quant is None or not quantize:
             return [self.add(name, self.dtype, (k, n), lambda: self.param(targets, getattr(torch, self.dtype)))], None
-        fn = lambda: quantize_matrix(self.param(targets, torch.float32), self.quant, scale_dtype=numpy_dtype(self.dtype))
-        return self.quantized(name, k, n, fn), matmul_nbits_attributes(k, n, self.quant)
+        return (self.quantized(name, k, n, lambda: self.quantize_streamed(targets)),
+                matmul_nbits_attributes(k, n, self.quant))
 
 
 def rotary_caches(config: LlamaConfig, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +161,8 @@ def build(source: WeightSource, spec: ExportSpec) -> ir.Model:
 
     # Embedding: x [B, S, E]
     if quant is not None and quant.embedding:
-        fn = lambda: quantize_embedding(w.param(("embed",), torch.float32), quant, scale_dtype=numpy_dtype(dtype))
-        data, *rest = w.quantized("embed", E, V, fn, embedding=True)
+        data, *rest = w.quantized("embed", E, V, lambda: w.quantize_streamed(("embed",), embedding=True),
+                                  embedding=True)
         x = tape.op("GatherBlockQuantized", [data, ids, *rest], gather_block_quantized_attributes(quant),
                     domain=MS_DOMAIN)
     else:

@@ -126,8 +126,13 @@ def quantize_matrix(weight: np.ndarray, spec: QuantSpec, *, scale_dtype=np.float
     if weight.ndim != 2 or weight.shape[0] % spec.block_size:
         raise ValueError(f"expected a [K, N] weight with K a multiple of {spec.block_size}, got {weight.shape}")
     quant = _hqq_columns if spec.method == "hqq" else _rtn_columns
-    parts = [quant(weight[:, c:c + CHUNK_COLUMNS], spec, scale_dtype)
-             for c in range(0, weight.shape[1], CHUNK_COLUMNS)]
+    return concat_quantized([quant(weight[:, c:c + CHUNK_COLUMNS], spec, scale_dtype)
+                             for c in range(0, weight.shape[1], CHUNK_COLUMNS)])
+
+
+def concat_quantized(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
+    """Quantized slices of output channels (N, or an embedding's rows) joined in order: every array is laid out
+    channel-major, and each channel is quantized on its own, so this equals quantizing the whole at once."""
     zps = [p.zero_points for p in parts]
     return QuantizedMatrix(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
                            None if zps[0] is None else np.concatenate(zps))

@@ -1,7 +1,7 @@
 """Validate an exported graph: onnx.checker, the I/O contract, then ONNX Runtime vs PyTorch numerically.
 
-The PyTorch reference runs in fp32 and is streamed: one decoder block (and one slice of the output
-head) is resident at a time, so validating never needs the whole model in RAM twice.
+The PyTorch reference runs in fp32 and is streamed: one block's attention, one chunk of its MLP's weight rows
+and one slice of the output head are resident at a time, so validating a 70B-wide block stays within a few GB.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from llama3_deploy.config import LlamaConfig
 from llama3_deploy.dtypes import FROM_ONNX, numpy_dtype, onnx_type
 from llama3_deploy.errors import ValidationError
 
-from .model import Block, RMSNorm, additive_mask, rope_cos_sin
-from .weights import WeightSource, derived_tensors, name_table, target_tensor
+from .model import Attention, RMSNorm, additive_mask, rope_cos_sin
+from .weights import WeightSource, derived_tensors, name_table, target_rows, target_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ TOLERANCES = {
 # differ; MatMulNBits accuracy_level 4 also quantizes activations to int8 per block, hence the wider bound.
 INT8_COMPUTE_TOLERANCE = Tolerance(atol=5e-2, rtol=5e-2)
 HEAD_CHUNK_ROWS = 8192  # output-head rows resident at once in the streamed reference
+REFERENCE_CHUNK_ROWS = 4096  # MLP weight rows resident at once in the streamed reference
 
 
 def portable_initializers(config: LlamaConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -95,12 +96,17 @@ def streamed_reference(source: WeightSource, config: LlamaConfig, input_ids, att
     cos, sin = rope_cos_sin(derived_tensors(config)["rope_inv_freq"], position_ids)
     mask = additive_mask(attention_mask, past[0].shape[2], input_ids.shape[1])
     presents = []
-    for i in range(config.num_hidden_layers):
+    for i in range(config.num_hidden_layers):  # Block.forward, with the MLP streamed (_streamed_mlp)
+        p = f"layers.{i}."
         with torch.device("meta"):
-            block = Block(config)
-        x, k, v = load(block, f"layers.{i}.")(x, cos, sin, mask, past[2 * i].float(), past[2 * i + 1].float())
+            attn, attn_norm, mlp_norm = (Attention(config), RMSNorm(config.hidden_size, config.rms_norm_eps),
+                                         RMSNorm(config.hidden_size, config.rms_norm_eps))
+        a, k, v = load(attn, p + "attn.")(load(attn_norm, p + "attn_norm.")(x), cos, sin, mask,
+                                          past[2 * i].float(), past[2 * i + 1].float())
+        x = x + a
+        x = x + _streamed_mlp(source, table, p + "mlp.", load(mlp_norm, p + "mlp_norm.")(x))
         presents += [k, v]
-        del block
+        del attn
     with torch.device("meta"):
         norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     h = load(norm, "norm.")(x)
@@ -108,6 +114,21 @@ def streamed_reference(source: WeightSource, config: LlamaConfig, input_ids, att
     chunks = [h @ source.get_rows(head.source, lo, lo + HEAD_CHUNK_ROWS).to(f32).t()
               for lo in range(0, config.vocab_size, HEAD_CHUNK_ROWS)]
     return torch.cat(chunks, dim=-1), presents
+
+
+def _streamed_mlp(source: WeightSource, table: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """MLP.forward, silu(x @ gate) * (x @ up) @ down, reading REFERENCE_CHUNK_ROWS weight rows at a time: a 70B
+    block's MLP is 2.8 GB in fp32, a chunk at most 0.5 GB. Gate and up go by intermediate channels, down by its
+    output channels (a checkpoint's rows are a Linear's outputs)."""
+    f32 = torch.float32
+    gate, up, down = (table[prefix + n] for n in ("w_gate", "w_up", "w_down"))
+
+    def spans(rows: int):
+        return [(lo, min(lo + REFERENCE_CHUNK_ROWS, rows)) for lo in range(0, rows, REFERENCE_CHUNK_ROWS)]
+
+    h = torch.cat([torch.nn.functional.silu(x @ target_rows(source, gate, lo, hi, f32))
+                   * (x @ target_rows(source, up, lo, hi, f32)) for lo, hi in spans(gate.source_shape[0])], dim=-1)
+    return torch.cat([h @ target_rows(source, down, lo, hi, f32) for lo, hi in spans(down.source_shape[0])], dim=-1)
 
 
 def _compare(name: str, got: np.ndarray, ref: torch.Tensor, tol: Tolerance) -> dict:

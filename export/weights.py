@@ -109,11 +109,19 @@ def target_tensor(source: WeightSource, entry: WeightEntry, dtype: torch.dtype) 
     out = torch.empty(entry.target_shape, dtype=dtype)
     rows = entry.source_shape[0]
     for lo in range(0, rows, CONVERT_CHUNK_ROWS):
-        part = source.get_rows(entry.source, lo, min(lo + CONVERT_CHUNK_ROWS, rows))  # [r, cols]
-        _check_finite(entry, part, lo)
-        (out[:, lo:lo + part.shape[0]] if entry.transpose else out[lo:lo + part.shape[0]]).copy_(
-            part.t() if entry.transpose else part)
+        part = target_rows(source, entry, lo, min(lo + CONVERT_CHUNK_ROWS, rows))
+        (out[:, lo:lo + part.shape[1]] if entry.transpose else out[lo:lo + part.shape[0]]).copy_(part)
     return out
+
+
+def target_rows(source: WeightSource, entry: WeightEntry, lo: int, hi: int, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+    """Source rows lo:hi (output channels) as the decoder lays them out: target columns [in, hi - lo] for a
+    transposed weight, else target rows [hi - lo, cols]; checked finite, cast to `dtype` when given."""
+    part = source.get_rows(entry.source, lo, hi)  # [r, cols]
+    _check_finite(entry, part, lo)
+    part = part.t() if entry.transpose else part
+    return part if dtype is None else part.to(dtype)
 
 
 # --- Safetensors checkpoints ------------------------------------------------------------------------
