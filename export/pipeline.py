@@ -1,7 +1,10 @@
 """`llama3-deploy export`: checkpoint -> validated ONNX decoder directory, in bounded memory."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -157,6 +160,16 @@ def reduced_config(config: LlamaConfig) -> LlamaConfig:
                                vocab_size=min(config.vocab_size, REDUCED_VOCAB))
 
 
+def release_memory() -> None:
+    """Hand the written graph's freed memory back before ONNX Runtime loads one: the writer's tensors are garbage
+    by now, but glibc keeps freed heap pages, and the process's peak would be their sum with the session's."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _validate(source: WeightSource, spec: ExportSpec, tmp: Path, expected: ExpectedWeights, *, max_bytes: int,
               progress: bool) -> dict:
     _say(progress, "validating: structure (onnx.checker, I/O contract, every weight's shape)")
@@ -167,6 +180,7 @@ def _validate(source: WeightSource, spec: ExportSpec, tmp: Path, expected: Expec
                 "CUDA execution provider, which this machine lacks"}
     if _ort_working_bytes(spec.config, spec.dtype, providers) <= max_bytes:
         _say(progress, "validating: ONNX Runtime against the streamed PyTorch reference")
+        release_memory()
         numeric = flavors.check_numerics(tmp / contract.MODEL_FILE, source, spec, providers=providers)
         return {"structure": structure, "numeric": {**numeric, "reduced": False}}
     # Too large to run whole beside everything else: export a reduced graph of the same checkpoint
@@ -178,6 +192,7 @@ def _validate(source: WeightSource, spec: ExportSpec, tmp: Path, expected: Expec
         _write_graph(source, reduced, sub, progress=progress,
                      what=f" of the reduced graph ({reduced.config.vocab_size} vocabulary rows)")
         _say(progress, "validating the reduced graph: ONNX Runtime against the streamed PyTorch reference")
+        release_memory()
         numeric = flavors.check_numerics(sub / contract.MODEL_FILE, source, reduced, providers=providers)
     finally:
         shutil.rmtree(sub, ignore_errors=True)
