@@ -189,7 +189,6 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
           log=print) -> dict:
     """Build the artifacts, measure the floor, run the matrix, measure the floor again, write the report."""
     from llama3_deploy.config import load_config
-    from llama3_deploy.manifest import tool_versions
 
     from . import floor as F
     from . import harness as H
@@ -217,9 +216,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
                                              else "as given"),
                                  "command": _command_line(), "started": started.isoformat(timespec="seconds"),
                                  "wall_s": round(time.perf_counter() - t_start, 1), "git": git, "machine": machine,
-                                 "versions": {**tool_versions(), **({"genai_venv": A.venv_versions(
-                                     genai_python, ("onnxruntime-genai", "onnxruntime", "torch", "transformers"))}
-                                     if "genai" in kinds else {})},
+                                 "versions": _versions(kinds, genai_python),
                                  "builds": builds, "skipped": skipped}, output_dir, name)
         return {"builds": builds, "skipped": skipped}
     config = load_config(Path(builds["checkpoint"]["path"]))
@@ -267,12 +264,7 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
                                if s.kind == "genai" else {}),
                             **({"env_versions": A.venv_versions(s.python, ("llama_cpp_python", "gguf", "torch"))}
                                if s.kind == "llamacpp" else {})})
-    versions = tool_versions()
-    for pkg in ("optimum", "optimum-onnx", "matplotlib"):
-        versions[pkg] = A.venv_versions(sys.executable, (pkg,)).get(pkg, "absent")
-    if "genai" in kinds:
-        versions["genai_venv"] = A.venv_versions(genai_python, ("onnxruntime-genai", "onnxruntime", "torch",
-                                                                "transformers", "onnx", "onnx-ir"))
+    versions = _versions(kinds, genai_python)
     doc = {
         "schema": "llama3-deploy/bench", "schema_version": 1,
         "title": f"{device.split(':')[0].upper()} latency: {pname} ({SHORT[dtype]}), this runtime vs PyTorch and peers",
@@ -308,6 +300,20 @@ def bench(*, model: str = "random:llama3-cpu-bench", dtype: str = "float32", ort
     report.print_table(doc)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return doc
+
+
+def _versions(kinds: list[str], genai_python: str) -> dict:
+    """This environment's tool versions, the peers' packages in it, and the genai venv's when genai runs."""
+    from llama3_deploy.manifest import tool_versions
+
+    from .peers import artifacts as A
+    versions = tool_versions()
+    here = A.venv_versions(sys.executable, ("optimum", "optimum-onnx", "matplotlib"))
+    versions.update({pkg: here.get(pkg, "absent") for pkg in ("optimum", "optimum-onnx", "matplotlib")})
+    if "genai" in kinds:
+        versions["genai_venv"] = A.venv_versions(genai_python, ("onnxruntime-genai", "onnxruntime", "torch",
+                                                                "transformers", "onnx", "onnx-ir"))
+    return versions
 
 
 def _command_line() -> str:

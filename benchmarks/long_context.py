@@ -27,7 +27,7 @@ def run(*, model: str, prompt_tokens: int, new_tokens: int, seed: int = 0, threa
     """Prefill `prompt_tokens` seeded random ids, generate `new_tokens` greedy ones; the figures as a dict."""
     from llama3_deploy.manifest import tool_versions
     from llama3_deploy.runtime.generate import Generator
-    from llama3_deploy.runtime.kv import KVCache, allocate
+    from llama3_deploy.runtime.kv import FLAVORS, check_fits
 
     from .harness import make_prompts
 
@@ -40,9 +40,9 @@ def run(*, model: str, prompt_tokens: int, new_tokens: int, seed: int = 0, threa
     prompt = make_prompts(1, prompt_tokens, min(c.vocab_size, 128000), seed=seed, avoid=avoid)[0]
     r = g.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
     kv = r.kv_cache
-    whole = KVCache.nbytes(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
-    try:  # what asking for the model's whole context gets: a check before any allocation
-        allocate(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
+    whole = FLAVORS[g.session.flavor].nbytes(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
+    try:  # what asking for the model's whole context gets: allocate's check, made before any allocation
+        check_fits(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
         whole_context = "allocated (this machine has room for it)"
     except DeployError as e:
         whole_context = f"refused: {e}"

@@ -69,18 +69,15 @@ class KVCache:
         c, L = session.config, chunk if session.logits == "all" else 1
         logits = batch * L * (c.vocab_size * 4 + (8 if session.argmax else 0))  # logits [B, L, V], next_token
         tokens = 3 * batch * chunk * 8  # ids (and their host copy), positions [B, S]
-        kv = len(session.io.past_names) * batch * c.num_key_value_heads * capacity * c.head_dim
-        kv *= itemsize(session.kv_dtype)
+        kv = batch * capacity * c.kv_bytes_per_token(itemsize(session.kv_dtype))
         return logits + tokens + cls.KV_COPIES * kv + cls.MASKS * batch * capacity * 8
 
     def describe(self) -> dict:
         """What this cache holds: its rows, token capacity, element type and the bytes of its key/value buffers."""
         c = self.session.config
-        per_token = len(self.session.io.past_names) * c.num_key_value_heads * c.head_dim
-        per_token *= itemsize(self.session.kv_dtype)
+        per_token = self.KV_COPIES * c.kv_bytes_per_token(itemsize(self.session.kv_dtype))
         return {"batch": self.batch, "capacity_tokens": self.capacity, "kv_dtype": self.session.kv_dtype,
-                "kv_bytes": self.KV_COPIES * per_token * self.batch * self.capacity,
-                "kv_bytes_per_token": self.KV_COPIES * per_token,
+                "kv_bytes": per_token * self.batch * self.capacity, "kv_bytes_per_token": per_token,
                 "model_context_tokens": c.max_position_embeddings}
 
     # --- the flavor's part -----------------------------------------------------------------------------
@@ -312,22 +309,31 @@ def _host_of(buf: DeviceBuffer) -> np.ndarray:
     return buf.host if buf.host is not None else np.zeros(buf.numel, np.int64)
 
 
-def allocate(session: DecoderSession, batch: int, capacity: int, chunk: int) -> KVCache:
-    """The cache for `session`'s flavor: `batch` rows of `capacity` tokens, prefilled `chunk` tokens per run.
+FLAVORS = {"portable": PingPongKV, "optimized": SharedKV}  # each graph flavor's cache
 
-    Refused with a DeployError naming the bytes needed when they exceed this machine's physical memory (CPU),
-    or when the allocation itself fails (device memory, which ONNX Runtime does not report beforehand).
-    """
-    kind = {"portable": PingPongKV, "optimized": SharedKV}[session.flavor]
-    need = kind.nbytes(session, batch, capacity, chunk)
+
+def check_fits(session: DecoderSession, batch: int, capacity: int, chunk: int) -> str:
+    """The check `allocate` makes before allocating anything: a DeployError naming the bytes when a CPU cache
+    would exceed this machine's physical memory; else the sentence saying what it needs."""
+    need = FLAVORS[session.flavor].nbytes(session, batch, capacity, chunk)
     what = (f"a KV cache for {batch} row(s) of {capacity} tokens (and logits for {chunk}-token prefill chunks) "
             f"needs {human_bytes(need)} ({need:,} bytes)")
     memory = _physical_memory()
     if session.device.kind == "cpu" and memory and need > memory:
         raise DeployError(f"{what}, more than this machine's {human_bytes(memory)} of memory; "
                           "ask for fewer new tokens, fewer prompts at once or a smaller prefill_chunk")
+    return what
+
+
+def allocate(session: DecoderSession, batch: int, capacity: int, chunk: int) -> KVCache:
+    """The cache for `session`'s flavor: `batch` rows of `capacity` tokens, prefilled `chunk` tokens per run.
+
+    Refused with a DeployError naming the bytes needed when they exceed this machine's physical memory (CPU),
+    or when the allocation itself fails (device memory, which ONNX Runtime does not report beforehand).
+    """
+    what = check_fits(session, batch, capacity, chunk)
     try:
-        return kind(session, batch, capacity, chunk)
+        return FLAVORS[session.flavor](session, batch, capacity, chunk)
     except (MemoryError, OrtRuntimeError) as e:
         raise DeployError(f"{what}, which could not be allocated: {str(e).splitlines()[0][:200]}") from None
 
