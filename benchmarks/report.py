@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llama3_deploy.fsutil import atomic_write_text
+
 
 def _gib(n) -> str:
     return f"{n / (1 << 30):.2f}" if n else "-"
@@ -198,8 +200,8 @@ def write_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
         doc["plots_skipped"] = f"no plots: {e}"
     doc["plots"] = [p.name for p in pngs]
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(doc, indent=1))
-    md_path.write_text(markdown(doc))
+    atomic_write_text(json_path, json.dumps(doc, indent=1))
+    atomic_write_text(md_path, markdown(doc))
     return {"json": json_path, "markdown": md_path, **{p.stem: p for p in pngs}}
 
 
@@ -230,8 +232,8 @@ def write_builds_report(doc: dict, out_dir: str | Path, stem: str) -> dict[str, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(doc, indent=1))
-    md_path.write_text(builds_markdown(doc))
+    atomic_write_text(json_path, json.dumps(doc, indent=1))
+    atomic_write_text(md_path, builds_markdown(doc))
     return {"json": json_path, "markdown": md_path}
 
 
