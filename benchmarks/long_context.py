@@ -43,7 +43,7 @@ def run(*, model: str, prompt_tokens: int, new_tokens: int, seed: int = 0, threa
     whole = FLAVORS[g.session.flavor].nbytes(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
     try:  # what asking for the model's whole context gets: allocate's check, made before any allocation
         check_fits(g.session, 1, c.max_position_embeddings, g.prefill_chunk)
-        whole_context = "allocated (this machine has room for it)"
+        whole_context = "allocatable (this machine has room for it; nothing was allocated)"
     except DeployError as e:
         whole_context = f"refused: {e}"
     rs = c.rope_scaling

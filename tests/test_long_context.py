@@ -26,7 +26,7 @@ def test_past_the_original_context_with_a_cache_of_one_page(rope_export, tmp_pat
     assert r["config"]["rope_scaling"]["original_max_position_embeddings"] == 32 and len(r["generated_ids"]) == 5
     per_token = r["kv_cache"]["kv_bytes_per_token"]
     assert r["kv_cache"]["capacity_tokens"] == 256 and r["kv_cache"]["kv_bytes"] == 256 * per_token
-    assert r["whole_context_bytes"] > 1024 * per_token and r["whole_context"].startswith("allocated")
+    assert r["whole_context_bytes"] > 1024 * per_token and r["whole_context"].startswith("allocatable")
     assert "seeded random" in r["weights"] and r["command"].endswith("--result " + str(result))
     assert "KV cache: 1 row x 256 positions" in capsys.readouterr().out
 
