@@ -70,7 +70,7 @@ add --model random:meta-llama-3-70b-instruct --int4-only:
        python3 -m llama3_deploy.benchmarks.gpu --quick --phase bench --work work-out/gpu --out $OUT
        --model random:meta-llama-3-70b-instruct --int4-only
 Estimate, not a measurement of the device: here, on 2 cores, the 70B INT4 export from the random source writes
-about 0.5-1 GB a minute (sampled during the run): 4,097.5 s for the whole export (38.0 GiB) on cores shared with other jobs
+about 0.85 GB a minute: 3,117.3 s for the whole export (38.0 GiB; write 2,886 s, validate 227 s) on a quiet machine
 (benchmarks/results/export-llama3-70b-int4.json). The device's 16 cores may cut that several-fold, but this is
 not certain (the 8B fp16 export ran on about one core), and the export may well not finish inside the 15
 minutes. Then the check reports what it measured (item 1 and the floor), the INT4 step as not ready and
