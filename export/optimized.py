@@ -29,8 +29,7 @@ from .model import rope_cos_sin
 from .quantize import (QuantizedMatrix, QuantSpec, concat_quantized, gather_block_quantized_attributes,
                        matmul_nbits_attributes, quantize_embedding, quantize_matrix, quantized_layout)
 from .spec import ExportSpec
-from .weights import (CONVERT_CHUNK_ROWS, WeightEntry, WeightSource, derived_tensors, name_table, target_rows,
-                      target_tensor)
+from .weights import WeightEntry, WeightSource, derived_tensors, name_table, target_chunks, target_tensor
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
@@ -88,13 +87,9 @@ class _Weights:
         """The targets (fused along the output axis) quantized straight from the source, a chunk of output
         channels at a time: only one chunk is ever in fp32 (a 70B head at once would be 4.2 GB)."""
         quantize = quantize_embedding if embedding else quantize_matrix
-        parts = []
-        for t in targets:
-            e, rows = self.table[t], self.table[t].source_shape[0]
-            for lo in range(0, rows, CONVERT_CHUNK_ROWS):
-                chunk = target_rows(self.source, e, lo, min(lo + CONVERT_CHUNK_ROWS, rows), torch.float32)
-                parts.append(quantize(_np(chunk), self.quant, scale_dtype=numpy_dtype(self.dtype)))
-        return concat_quantized(parts)
+        scale_dtype = numpy_dtype(self.dtype)
+        return concat_quantized([quantize(_np(part), self.quant, scale_dtype=scale_dtype) for t in targets
+                                 for _, part in target_chunks(self.source, self.table[t], torch.float32)])
 
     def linear(self, name: str, targets: tuple[str, ...], k: int, n: int, *, quantize: bool):
         """A [k, n] projection: (weight value, None) for MatMul, or (inputs, attributes) for MatMulNBits."""

@@ -17,7 +17,7 @@ from llama3_deploy.dtypes import FROM_ONNX, numpy_dtype, onnx_type
 from llama3_deploy.errors import ValidationError
 
 from .model import Attention, RMSNorm, additive_mask, rope_cos_sin
-from .weights import WeightSource, derived_tensors, name_table, target_rows, target_tensor
+from .weights import WeightSource, derived_tensors, name_table, target_chunks, target_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,6 @@ TOLERANCES = {
 # differ; MatMulNBits accuracy_level 4 also quantizes activations to int8 per block, hence the wider bound.
 INT8_COMPUTE_TOLERANCE = Tolerance(atol=5e-2, rtol=5e-2)
 HEAD_CHUNK_ROWS = 8192  # output-head rows resident at once in the streamed reference
-REFERENCE_CHUNK_ROWS = 4096  # MLP weight rows resident at once in the streamed reference
 
 
 def portable_initializers(config: LlamaConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -117,18 +116,12 @@ def streamed_reference(source: WeightSource, config: LlamaConfig, input_ids, att
 
 
 def _streamed_mlp(source: WeightSource, table: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """MLP.forward, silu(x @ gate) * (x @ up) @ down, reading REFERENCE_CHUNK_ROWS weight rows at a time: a 70B
-    block's MLP is 2.8 GB in fp32, a chunk at most 0.5 GB. Gate and up go by intermediate channels, down by its
+    """MLP.forward, silu(x @ gate) * (x @ up) @ down, reading weights a chunk of rows at a time (target_chunks): a
+    70B block's MLP is 2.8 GB in fp32, a chunk at most 0.5 GB. Gate and up go by intermediate channels, down by its
     output channels (a checkpoint's rows are a Linear's outputs)."""
-    f32 = torch.float32
-    gate, up, down = (table[prefix + n] for n in ("w_gate", "w_up", "w_down"))
-
-    def spans(rows: int):
-        return [(lo, min(lo + REFERENCE_CHUNK_ROWS, rows)) for lo in range(0, rows, REFERENCE_CHUNK_ROWS)]
-
-    h = torch.cat([torch.nn.functional.silu(x @ target_rows(source, gate, lo, hi, f32))
-                   * (x @ target_rows(source, up, lo, hi, f32)) for lo, hi in spans(gate.source_shape[0])], dim=-1)
-    return torch.cat([h @ target_rows(source, down, lo, hi, f32) for lo, hi in spans(down.source_shape[0])], dim=-1)
+    gate, up, down = (target_chunks(source, table[prefix + n], torch.float32) for n in ("w_gate", "w_up", "w_down"))
+    h = torch.cat([torch.nn.functional.silu(x @ g) * (x @ u) for (_, g), (_, u) in zip(gate, up)], dim=-1)
+    return torch.cat([h @ d for _, d in down], dim=-1)
 
 
 def _compare(name: str, got: np.ndarray, ref: torch.Tensor, tol: Tolerance) -> dict:

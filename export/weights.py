@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -107,21 +108,22 @@ def target_tensor(source: WeightSource, entry: WeightEntry, dtype: torch.dtype) 
         _check_finite(entry, vector, 0)
         return vector.to(dtype).contiguous()
     out = torch.empty(entry.target_shape, dtype=dtype)
-    rows = entry.source_shape[0]
-    for lo in range(0, rows, CONVERT_CHUNK_ROWS):
-        part = target_rows(source, entry, lo, min(lo + CONVERT_CHUNK_ROWS, rows))
+    for lo, part in target_chunks(source, entry):
         (out[:, lo:lo + part.shape[1]] if entry.transpose else out[lo:lo + part.shape[0]]).copy_(part)
     return out
 
 
-def target_rows(source: WeightSource, entry: WeightEntry, lo: int, hi: int, dtype: torch.dtype | None = None
-                ) -> torch.Tensor:
-    """Source rows lo:hi (output channels) as the decoder lays them out: target columns [in, hi - lo] for a
-    transposed weight, else target rows [hi - lo, cols]; checked finite, cast to `dtype` when given."""
-    part = source.get_rows(entry.source, lo, hi)  # [r, cols]
-    _check_finite(entry, part, lo)
-    part = part.t() if entry.transpose else part
-    return part if dtype is None else part.to(dtype)
+def target_chunks(source: WeightSource, entry: WeightEntry, dtype: torch.dtype | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """A matrix entry read CONVERT_CHUNK_ROWS source rows (output channels) at a time, as (first row, part): each
+    part laid out as the decoder wants it (target columns [in, r] for a transposed weight, else target rows
+    [r, cols]), checked finite, cast to `dtype` when given. Only one part is resident at a time."""
+    rows = entry.source_shape[0]
+    for lo in range(0, rows, CONVERT_CHUNK_ROWS):
+        part = source.get_rows(entry.source, lo, min(lo + CONVERT_CHUNK_ROWS, rows))  # [r, cols]
+        _check_finite(entry, part, lo)
+        part = part.t() if entry.transpose else part
+        yield lo, part if dtype is None else part.to(dtype)
 
 
 # --- Safetensors checkpoints ------------------------------------------------------------------------
